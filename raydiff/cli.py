@@ -1,0 +1,61 @@
+"""`raydiff` sub-commands. Thin: parse arguments, load the config, call the component's run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from raydiff.config import ConfigError, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file under configs/ (defaults if omitted)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. train.max_steps=100 diffusion.loss=rounding")
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from raydiff.train.local import train_local
+
+    cfg = load_config(args.config, args.overrides)
+    run = train_local(cfg, console=console)
+    table = Table(title=f"run {cfg.train.run_name}", show_header=False)
+    table.add_row("run directory", str(run.run_dir))
+    table.add_row("steps", str(run.result.step))
+    table.add_row("precision", run.precision)
+    table.add_row("best val loss", f"{run.result.best_val_loss:.4f}")
+    for key in ("val_mse", "val_token_accuracy", "emb_norm_mean", "tokens_per_s"):
+        if key in run.result.last_metrics:
+            table.add_row(key, f"{run.result.last_metrics[key]:.4f}")
+    table.add_row("stopped early", str(run.result.stopped_early))
+    table.add_row("last checkpoint", str(run.last_checkpoint))
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raydiff", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a diffusion LM")
+    _add_config_args(train)
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        return args.func(args, console)
+    except ConfigError as e:
+        console.print(f"[red]config error:[/red] {e}", soft_wrap=True)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

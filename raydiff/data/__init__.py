@@ -1,0 +1,1 @@
+"""Corpora: reading, cleaning, segmentation, tokenizer, fixed-length blocks."""

@@ -1,0 +1,157 @@
+"""Reading articles from local sources, splitting them by article, and building token blocks in
+one process. The Ray Data pipeline does the same per block on a cluster; this is the path for a
+single machine and for tests.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raydiff.config import DataConfig
+from raydiff.data.blocks import encode_blocks
+from raydiff.data.synthetic import synthetic_news
+from raydiff.data.text import clean_text, segment
+from raydiff.data.tokenizer import train_word_tokenizer
+
+SPLITS = ("train", "valid", "test")
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+
+
+class DataError(ValueError):
+    """A missing or unusable data source; the message is one line and names the path."""
+
+
+def split_of(article_id: str, valid_fraction: float, test_fraction: float) -> str:
+    """Assign an article to train/valid/test by a hash of its id: deterministic across runs,
+    machines and workers, and an article never lands in two splits."""
+    digest = hashlib.blake2b(article_id.encode("utf-8"), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64  # uniform in [0, 1)
+    if u < valid_fraction:
+        return "valid"
+    if u < valid_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def local_files(source: str) -> list[Path]:
+    """The files a local path, directory or glob names, sorted."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    elif any(ch in source for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"data.source={source}: no such file or directory")
+    if not files:
+        raise DataError(f"data.source={source}: matches no files")
+    return files
+
+
+def _read_file(path: Path, cfg: DataConfig) -> Iterator[dict[str, str]]:
+    name = path.name.lower()
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+        if name.endswith(TEXT_SUFFIXES):  # plain text: one article per line
+            for i, line in enumerate(handle):
+                if line.strip():
+                    yield {"id": f"{path.name}:{i}", "text": line}
+            return
+        if not name.endswith(JSON_SUFFIXES):
+            raise DataError(f"{path}: unsupported file type (use .txt, .jsonl or .jsonl.gz)")
+        for i, line in enumerate(handle):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # counted and reported by the Ray Data pipeline; skipped here
+            text = row.get(cfg.text_column) if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                continue
+            title = row.get(cfg.title_column) if cfg.title_column else None
+            if isinstance(title, str) and title.strip():
+                text = f"{title}\n{text}"
+            yield {"id": str(row.get("id", f"{path.name}:{i}")), "text": text}
+
+
+def read_articles(cfg: DataConfig) -> Iterator[dict[str, str]]:
+    """Articles {"id", "text"} from `data.source`: "synthetic" or local files."""
+    if cfg.source == "synthetic":
+        articles: Iterator[dict[str, str]] = iter(synthetic_news(cfg.synthetic_size, cfg.seed))
+    else:
+        articles = (a for path in local_files(cfg.source) for a in _read_file(path, cfg))
+    for i, article in enumerate(articles):
+        if cfg.max_articles is not None and i >= cfg.max_articles:
+            return
+        yield article
+
+
+@dataclass
+class TokenizedCorpus:
+    tokenizer: object  # transformers.PreTrainedTokenizerFast
+    splits: dict[str, dict[str, np.ndarray]]  # split -> {"input_ids", "attention_mask"}
+
+
+def build_corpus(cfg: DataConfig) -> TokenizedCorpus:
+    """Read, clean, segment and split the articles; train the tokenizer on the train split
+    only; encode every split to (N, seq_len) blocks."""
+    segments: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for article in read_articles(cfg):
+        text = clean_text(article["text"])
+        if cfg.lowercase:
+            text = text.lower()
+        split = split_of(article["id"], cfg.valid_fraction, cfg.test_fraction)
+        segments[split] += segment(text, min_words=cfg.min_words, max_words=cfg.max_words)
+    if not segments["train"]:
+        raise DataError(f"data.source={cfg.source}: no training segments after cleaning")
+    tokenizer = train_word_tokenizer(segments["train"], cfg.vocab_size, lowercase=cfg.lowercase)
+    splits = {}
+    for name, texts in segments.items():
+        splits[name] = (encode_blocks(tokenizer, texts, cfg.seq_len) if texts else
+                        {"input_ids": np.zeros((0, cfg.seq_len), np.int64),
+                         "attention_mask": np.zeros((0, cfg.seq_len), np.int8)})
+    return TokenizedCorpus(tokenizer, splits)
+
+
+def iterate_batches(blocks: dict[str, np.ndarray], batch_size: int, *, seed: int, rank: int = 0,
+                    world_size: int = 1, shuffle: bool = True,
+                    epochs: int | None = None) -> Iterator[dict]:
+    """Batches of this rank's share of `blocks`, reshuffled each epoch with (seed, epoch); every
+    rank sees the same permutation and takes its own stride of it. Infinite when epochs is None."""
+    import torch
+
+    n = blocks["input_ids"].shape[0]
+    if n < batch_size * world_size:
+        raise DataError(f"{n} examples cannot fill one global batch of {batch_size * world_size}")
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
+                 else np.arange(n))
+        usable = (n // (batch_size * world_size)) * batch_size * world_size
+        mine = order[:usable].reshape(-1, world_size, batch_size)[:, rank]  # (steps, B)
+        for idx in mine:
+            yield {k: torch.from_numpy(v[idx]) for k, v in blocks.items()}
+        epoch += 1
+
+
+def chunk_batches(blocks: dict[str, np.ndarray], batch_size: int,
+                  max_batches: int | None = None) -> Iterator[dict]:
+    """Batches in order, the last one possibly short (for evaluation)."""
+    import torch
+
+    n = blocks["input_ids"].shape[0]
+    for i, start in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield {k: torch.from_numpy(v[start:start + batch_size]) for k, v in blocks.items()}

@@ -1,0 +1,36 @@
+"""Text cleaning and line-wise segmentation of news articles (one training example per line or
+sentence, as the seed paper trains). Pure Python: the Ray Data pipeline maps these per batch.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+
+_TAG = re.compile(r"</?[a-zA-Z][^<>]{0,200}>")
+_TICKER = re.compile(r"<[A-Z][A-Z0-9.\-&]{0,15}>")  # Reuters company tags such as <IBM>
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def clean_text(text: str, *, remove_tickers: bool = True) -> str:
+    """Unicode (NFKC) and whitespace normalisation, HTML entities and tags removed; keeps lines."""
+    text = unicodedata.normalize("NFKC", html.unescape(text))
+    if remove_tickers:
+        text = _TICKER.sub(" ", text)
+    text = _TAG.sub(" ", text)
+    lines = (_SPACES.sub(" ", line).strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def segment(text: str, *, min_words: int = 1, max_words: int = 10_000) -> list[str]:
+    """Split a cleaned article into lines, and lines into sentences; keep those whose word
+    count lies in [min_words, max_words]."""
+    segments = []
+    for line in text.splitlines():
+        for sentence in _SENTENCE_END.split(line):
+            n_words = len(sentence.split())
+            if min_words <= n_words <= max_words:
+                segments.append(sentence)
+    return segments

@@ -1,0 +1,1 @@
+"""Training: the engine and loop (plain torch) and their runners."""

@@ -1,0 +1,159 @@
+"""One worker's training state and its step: model, EMA, AdamW, LR schedule, timestep sampler.
+
+No Ray here. The Ray Train worker builds the same engine, passing `wrap_model` (DDP) and its
+rank's seed; a single process passes neither.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from raydiff.config import Config
+from raydiff.diffusion import NoiseSchedule, diffusion_losses, make_timestep_sampler
+from raydiff.model import Denoiser
+from raydiff.train.ema import EMA
+from raydiff.train.precision import autocast
+
+Batch = dict[str, torch.Tensor]  # {"input_ids": (B, L) int64, "attention_mask": (B, L)}
+
+
+def linear_warmup_anneal(warmup_steps: int, anneal_steps: int) -> Callable[[int], float]:
+    """LR multiplier: 0 -> 1 over `warmup_steps`, then 1 -> 0 linearly at `anneal_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (anneal_steps - step) / max(1, anneal_steps - warmup_steps))
+    return factor
+
+
+class DiffusionEngine:
+    def __init__(self, cfg: Config, vocab_size: int, device: torch.device, precision: str = "fp32",
+                 seed: int = 0, wrap_model: Callable[[nn.Module], nn.Module] | None = None):
+        self.cfg, self.device, self.precision = cfg, device, precision
+        with torch.random.fork_rng(devices=[]):  # identical initial weights on every worker
+            torch.manual_seed(cfg.train.seed)
+            self.model = Denoiser(cfg.model, vocab_size, cfg.data.seq_len,
+                                  cfg.diffusion.self_condition).to(device)
+        self.ema = EMA(self.model, cfg.optim.ema_decay)
+        self.train_model = wrap_model(self.model) if wrap_model else self.model
+        self.schedule = NoiseSchedule.named(cfg.diffusion.schedule, cfg.diffusion.num_steps)
+        self.timesteps = make_timestep_sampler(cfg.diffusion.timestep_sampling,
+                                               cfg.diffusion.num_steps)
+        self.generator = torch.Generator().manual_seed(seed)  # timesteps and noise, per worker
+
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+            weight_decay=o.weight_decay, fused=True)  # one fused kernel for all parameters
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, linear_warmup_anneal(o.warmup_steps, o.anneal_steps))
+        # fp16 needs loss scaling; the same initial scale on every worker keeps the
+        # all-reduced gradients on one scale
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.step = 0
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, batch: Batch, loss_weight: float = 1.0) -> dict[str, float]:
+        """One optimiser step on a (local) batch. `loss_weight` rescales this worker's mean loss
+        (Ray Train uses local_batch * world_size / global_batch for unequal local batches)."""
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        t, weights = self.timesteps.sample(input_ids.shape[0], self.device, self.generator)
+        self.train_model.train()
+        with autocast(self.precision, self.device):
+            terms = diffusion_losses(
+                self.train_model, self.schedule, input_ids, attention_mask, t,
+                loss=self.cfg.diffusion.loss, noise_factor=self.cfg.diffusion.noise_factor,
+                perturb_z0=self.cfg.diffusion.perturb_z0,
+                self_condition=self.cfg.diffusion.self_condition, generator=self.generator)
+        loss = (terms.total * weights).mean()
+        self.timesteps.update(t, terms.total)
+
+        self.scaler.scale(loss * loss_weight).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_schedule.get_last_lr()[0]
+        self.lr_schedule.step()
+        self.ema.update(self.model)
+        self.step += 1
+
+        n_tokens = attention_mask.sum()
+        return {
+            "loss": loss.item(), "mse": terms.mse.mean().item(), "ce": terms.ce.mean().item(),
+            "tT": terms.t_T.mean().item(), "rounding_ce": terms.rounding_ce.mean().item(),
+            "anchor_ce": terms.anchor_ce.mean().item(),
+            "token_accuracy": terms.token_accuracy.mean().item(),
+            "grad_norm": grad_norm.item(), "lr": lr, "tokens": n_tokens.item(),
+        }
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch], use_ema: bool = True,
+                 seed: int = 1234) -> dict[str, float]:
+        """Validation terms with t ~ uniform and noise from a fixed seed, so that every
+        evaluation of every run sees the same draws. Means are over examples."""
+        model = self.ema.model if use_ema else self.model
+        was_training = model.training
+        model.eval()
+        generator = torch.Generator().manual_seed(seed)
+        sums: dict[str, float] = {}
+        count = 0
+        for batch in batches:
+            input_ids = batch["input_ids"].to(self.device)
+            attention_mask = batch["attention_mask"].to(self.device)
+            t = torch.randint(0, self.schedule.num_steps, (input_ids.shape[0],),
+                              generator=generator).to(self.device)
+            with autocast(self.precision, self.device):
+                terms = diffusion_losses(
+                    model, self.schedule, input_ids, attention_mask, t,
+                    loss=self.cfg.diffusion.loss, noise_factor=self.cfg.diffusion.noise_factor,
+                    perturb_z0=self.cfg.diffusion.perturb_z0,
+                    self_condition=False, generator=generator)
+            for name in ("total", "mse", "ce", "t_T", "token_accuracy", "z0_sq"):
+                sums[name] = sums.get(name, 0.0) + getattr(terms, name).float().sum().item()
+            count += input_ids.shape[0]
+        model.train(was_training)
+        if count == 0:
+            raise ValueError("evaluation got no batches: is the validation split empty?")
+        out = {f"val_{k}": v / count for k, v in sums.items()}
+        out["val_loss"] = out.pop("val_total")
+        out["val_mse_over_z0_sq"] = out["val_mse"] / max(out["val_z0_sq"], 1e-12)
+        return out | self.embedding_stats()
+
+    @torch.no_grad()
+    def embedding_stats(self) -> dict[str, float]:
+        """Collapse diagnostics of the embedding table: row-norm mean and std."""
+        norms = self.model.embedding_table().float().norm(dim=-1)
+        return {"emb_norm_mean": norms.mean().item(), "emb_norm_std": norms.std().item()}
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict(), "timesteps": self.timesteps.state_dict(),
+            "generator": self.generator.get_state(), "step": self.step,
+            "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.timesteps.load_state_dict(state["timesteps"])
+        self.generator.set_state(state["generator"])
+        self.step = state["step"]
+        torch.set_rng_state(state["torch_rng"])

@@ -1,0 +1,106 @@
+"""Training in this one process (no Ray): data in memory, metrics and checkpoints under
+`train.output_dir/train.run_name`. Re-running the same run name resumes from its latest
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from raydiff.config import Config
+from raydiff.data.corpus import build_corpus, chunk_batches, iterate_batches
+from raydiff.train.checkpoint import latest_checkpoint, save_checkpoint
+from raydiff.train.engine import DiffusionEngine
+from raydiff.train.loop import LoopResult, train_loop
+from raydiff.train.precision import resolve_precision
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class RunDirectoryReporter:
+    """Appends each report to `metrics.jsonl`, writes checkpoints, drives a progress bar."""
+
+    def __init__(self, run_dir: Path, cfg: Config, tokenizer, progress: Progress | None = None,
+                 task=None):
+        self.run_dir, self.cfg, self.tokenizer = run_dir, cfg, tokenizer
+        self.progress, self.task = progress, task
+        self.last_checkpoint: Path | None = latest_checkpoint(run_dir)
+
+    def report(self, metrics: dict[str, float], checkpoint_state: dict | None) -> None:
+        if checkpoint_state is not None:
+            self.last_checkpoint = save_checkpoint(
+                self.run_dir / "checkpoints", int(metrics["step"]), checkpoint_state, self.cfg,
+                self.tokenizer)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.progress is not None:
+            val = f" val_mse {metrics['val_mse']:.4f}" if "val_mse" in metrics else ""
+            self.progress.update(
+                self.task, completed=metrics["step"],
+                info=f"loss {metrics['loss']:.4f} mse {metrics['mse']:.4f}{val} "
+                     f"{metrics['tokens_per_s']:.0f} tok/s")
+
+
+@dataclass
+class LocalRun:
+    run_dir: Path
+    result: LoopResult
+    last_checkpoint: Path | None
+    precision: str
+
+
+def train_local(cfg: Config, console: Console | None = None) -> LocalRun:
+    """Train `cfg` in this process; `console=None` shows no progress."""
+    device = pick_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    run_dir = Path(cfg.train.output_dir).resolve() / cfg.train.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+
+    corpus = build_corpus(cfg.data)
+    engine = DiffusionEngine(cfg, vocab_size=len(corpus.tokenizer), device=device,
+                             precision=precision, seed=cfg.train.seed)
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        engine.load_state_dict(torch.load(resume_from / "state.pt", weights_only=False))
+
+    # the data order is a pure function of (seed, step): skip what the resumed run consumed
+    train_batches = itertools.islice(
+        iterate_batches(corpus.splits["train"], cfg.train.batch_size, seed=cfg.train.seed),
+        engine.step, None)
+    valid = corpus.splits["valid"] if len(corpus.splits["valid"]["input_ids"]) else corpus.splits["train"]
+
+    def valid_batches():
+        return chunk_batches(valid, cfg.train.batch_size, cfg.train.eval_batches)
+
+    progress = None
+    if console is not None:
+        progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                            console=console, transient=False)
+    task = progress.add_task("train", total=cfg.train.max_steps, completed=engine.step,
+                             info="") if progress else None
+    reporter = RunDirectoryReporter(run_dir, cfg, corpus.tokenizer, progress, task)
+    if progress:
+        progress.start()
+    try:
+        result = train_loop(engine, train_batches, valid_batches, cfg.train, reporter)
+    finally:
+        if progress:
+            progress.stop()
+    return LocalRun(run_dir, result, reporter.last_checkpoint, precision)

@@ -1,0 +1,75 @@
+"""The per-worker training loop: steps, periodic reports, validation, checkpoints, early stop.
+
+It knows nothing of Ray or of files: a `Reporter` receives every report (metrics, plus the
+engine state when a checkpoint is due on the chief worker). Every worker calls `report` equally
+often, which Ray Train's barrier-like `ray.train.report` requires.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from raydiff.config import TrainConfig
+from raydiff.train.engine import Batch, DiffusionEngine
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the step was not applied."""
+
+
+class Reporter(Protocol):
+    def report(self, metrics: dict[str, float], checkpoint_state: dict | None) -> None: ...
+
+
+@dataclass
+class LoopResult:
+    step: int
+    best_val_loss: float
+    stopped_early: bool
+    last_metrics: dict[str, float]
+
+
+def train_loop(engine: DiffusionEngine, train_batches: Iterator[Batch],
+               valid_batches: Callable[[], Iterable[Batch]], cfg: TrainConfig, reporter: Reporter,
+               *, is_chief: bool = True, loss_weight: float = 1.0) -> LoopResult:
+    best, evals_since_best, stopped_early = math.inf, 0, False
+    window: dict[str, float] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    metrics: dict[str, float] = {}
+    while engine.step < cfg.max_steps:
+        batch = next(train_batches)
+        step_metrics = engine.train_step(batch, loss_weight)
+        if not math.isfinite(step_metrics["loss"]):
+            raise NonFiniteLossError(
+                f"step {engine.step}: loss is {step_metrics['loss']}; training stopped, "
+                "the last checkpoint written before it is intact")
+        for k, v in step_metrics.items():
+            window[k] = window.get(k, 0.0) + v
+        window_steps += 1
+
+        step = engine.step
+        do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+        do_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+        if not (do_eval or do_ckpt or step % cfg.log_every == 0):
+            continue
+        elapsed = time.perf_counter() - window_start
+        metrics = {k: v / window_steps for k, v in window.items() if k != "tokens"}
+        metrics |= {"step": step, "tokens_per_s": window["tokens"] / max(elapsed, 1e-9)}
+        if do_eval:
+            metrics |= engine.evaluate(valid_batches(), use_ema=cfg.eval_ema)
+            if metrics["val_loss"] < best:
+                best, evals_since_best = metrics["val_loss"], 0
+            else:
+                evals_since_best += 1
+            stopped_early = cfg.patience > 0 and evals_since_best >= cfg.patience
+            metrics["best_val_loss"] = best
+        do_ckpt = do_ckpt or stopped_early
+        reporter.report(metrics, engine.state_dict() if do_ckpt and is_chief else None)
+        window, window_steps, window_start = {}, 0, time.perf_counter()
+        if stopped_early:
+            break
+    return LoopResult(engine.step, best, stopped_early, metrics)
