@@ -86,7 +86,8 @@ def sample(
     if sampler == "ddpm":
         timesteps = list(range(schedule.num_steps - 1, -1, -1))
     elif sampler == "ddim":
-        timesteps = respaced_timesteps(schedule.num_steps, sample_steps or schedule.num_steps)
+        timesteps = respaced_timesteps(
+            schedule.num_steps, min(sample_steps or schedule.num_steps, schedule.num_steps))
     else:
         raise ValueError(f"unknown sampler {sampler!r}; valid: ddpm, ddim")
 

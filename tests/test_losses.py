@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from raydiff.diffusion import NoiseSchedule, diffusion_losses, masked_mean
+from tests.conftest import tiny_denoiser
+
+
+def _batch(vocab=50, B=4, L=8):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, vocab, (B, L), generator=gen)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[2, 3:] = 0
+    ids[mask == 0] = 0  # PAD
+    return ids, mask
+
+
+def _losses(model, ids, mask, loss, t=None, seed=0):
+    s = NoiseSchedule.named("pw_lin", 100)
+    t = torch.tensor([0, 10, 50, 99]) if t is None else t
+    return diffusion_losses(model, s, ids, mask, t, loss=loss,
+                            generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("loss", ["rounding", "anchor"])
+def test_ce_gradient_reaches_denoiser_only_for_anchor(loss):
+    model = tiny_denoiser()
+    ids, mask = _batch()
+    terms = _losses(model, ids, mask, loss)
+    terms.ce.sum().backward()
+    body_grads = [p.grad for p in model.non_embedding_parameters()]
+    body_norm = sum(g.abs().sum().item() for g in body_grads if g is not None)
+    if loss == "anchor":
+        assert body_norm > 0
+    else:
+        assert body_norm == 0
+    # either way the CE reaches the shared embedding table
+    assert model.word_embedding.weight.grad.abs().sum() > 0
+
+
+def test_every_term_sends_gradient_into_embeddings():
+    model = tiny_denoiser()
+    ids, mask = _batch()
+    terms = _losses(model, ids, mask, "anchor")
+    for name in ("mse", "t_T", "ce"):
+        model.zero_grad()
+        getattr(terms, name).sum().backward(retain_graph=True)
+        assert model.word_embedding.weight.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("loss", ["rounding", "anchor"])
+def test_pad_tokens_change_neither_loss_nor_outputs(loss):
+    model = tiny_denoiser()
+    ids, mask = _batch()
+    other = ids.clone()
+    other[mask == 0] = torch.randint(2, 50, (int((mask == 0).sum()),))
+    a, b = _losses(model, ids, mask, loss), _losses(model, other, mask, loss)
+    for name in ("total", "mse", "ce", "t_T", "token_accuracy"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-6)
+
+    z = torch.randn(4, 8, 8)
+    z_other = z.clone()
+    z_other[mask == 0] = torch.randn(int((mask == 0).sum()), 8) * 5
+    t = torch.tensor([1.0, 100.0, 500.0, 900.0])
+    out, out_other = model(z, t, mask), model(z_other, t, mask)
+    torch.testing.assert_close(out[mask == 1], out_other[mask == 1], rtol=0, atol=1e-5)
+    assert not torch.allclose(out[mask == 0], out_other[mask == 0])
+
+
+def test_without_mask_pad_would_leak():
+    """Guards the test above: the mask, not chance, is what isolates PAD."""
+    model = tiny_denoiser()
+    _, mask = _batch()
+    z = torch.randn(4, 8, 8)
+    z_other = z.clone()
+    z_other[mask == 0] += 5
+    t = torch.full((4,), 100.0)
+    assert not torch.allclose(model(z, t)[mask == 1], model(z_other, t)[mask == 1])
+
+
+def test_masked_mean_ignores_pad():
+    values = torch.tensor([[1.0, 3.0, 100.0], [2.0, 2.0, 2.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(masked_mean(values, mask), torch.tensor([2.0, 2.0]))
+
+
+class _OracleOfCleanEmbedding(torch.nn.Module):
+    """Predicts E[w] exactly, whatever z_t is."""
+
+    def __init__(self, net, ids):
+        super().__init__()
+        self.net, self.ids = net, ids
+
+    def embed(self, ids):
+        return self.net.embed(ids)
+
+    def logits(self, x):
+        return self.net.logits(x)
+
+    def forward(self, z_t, t, mask=None, self_cond=None):
+        return self.net.embed(self.ids)
+
+
+def test_target_is_clean_embedding_at_t0_and_perturbed_z0_elsewhere():
+    ids, mask = _batch()
+    oracle = _OracleOfCleanEmbedding(tiny_denoiser(), ids)
+    s = NoiseSchedule.named("pw_lin", 100)
+    t = torch.tensor([0, 0, 5, 5])
+    terms = diffusion_losses(oracle, s, ids, mask, t, perturb_z0=True,
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.all(terms.mse[:2] == 0)
+    # elsewhere the target carries the sqrt(b_0) perturbation: mse ~ b_0 per entry
+    assert torch.all(terms.mse[2:] > 0.3 * s.betas[0].item())
+    unperturbed = diffusion_losses(oracle, s, ids, mask, t, perturb_z0=False,
+                                   generator=torch.Generator().manual_seed(0))
+    assert torch.all(unperturbed.mse == 0)
