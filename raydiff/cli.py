@@ -18,10 +18,18 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
-    from raydiff.train.local import train_local
+    from raydiff.train.checkpoint import latest_checkpoint
+    from raydiff.train.engine import NonFiniteLossError
+    from raydiff.train.local import run_directory, train_local
 
     cfg = load_config(args.config, args.overrides)
-    run = train_local(cfg, console=console)
+    try:
+        run = train_local(cfg, console=console)
+    except NonFiniteLossError as e:
+        last = latest_checkpoint(run_directory(cfg))
+        console.print(f"[red]error:[/red] {e}; training stopped, last good checkpoint: {last}",
+                      soft_wrap=True)
+        return 3
     table = Table(title=f"run {cfg.train.run_name}", show_header=False)
     table.add_row("run directory", str(run.run_dir))
     table.add_row("steps", str(run.result.step))

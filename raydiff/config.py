@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+
 class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line and names the key."""
 

@@ -38,8 +38,9 @@ class LossTerms:
 
 
 def _token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, L, V), (B, L) -> (B, L) cross-entropy, computed in float32."""
-    return F.cross_entropy(logits.float().transpose(1, 2), input_ids, reduction="none")
+    """(B, L, V), (B, L) -> (B, L) cross-entropy, computed in float32 over contiguous rows."""
+    flat = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten(), reduction="none")
+    return flat.view(input_ids.shape)
 
 
 def diffusion_losses(

@@ -21,6 +21,11 @@ from raydiff.train.precision import autocast
 Batch = dict[str, torch.Tensor]  # {"input_ids": (B, L) int64, "attention_mask": (B, L)}
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss. The step was not applied, so the weights (and every
+    checkpoint already written) are those of the last good step."""
+
+
 def linear_warmup_anneal(warmup_steps: int, anneal_steps: int) -> Callable[[int], float]:
     """LR multiplier: 0 -> 1 over `warmup_steps`, then 1 -> 0 linearly at `anneal_steps`."""
     def factor(step: int) -> float:
@@ -72,6 +77,10 @@ class DiffusionEngine:
                 perturb_z0=self.cfg.diffusion.perturb_z0,
                 self_condition=self.cfg.diffusion.self_condition, generator=self.generator)
         loss = (terms.total * weights).mean()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"step {self.step + 1}: loss is {loss_value}")
         self.timesteps.update(t, terms.total)
 
         self.scaler.scale(loss * loss_weight).backward()
@@ -88,7 +97,7 @@ class DiffusionEngine:
 
         n_tokens = attention_mask.sum()
         return {
-            "loss": loss.item(), "mse": terms.mse.mean().item(), "ce": terms.ce.mean().item(),
+            "loss": loss_value, "mse": terms.mse.mean().item(), "ce": terms.ce.mean().item(),
             "tT": terms.t_T.mean().item(), "rounding_ce": terms.rounding_ce.mean().item(),
             "anchor_ce": terms.anchor_ce.mean().item(),
             "token_accuracy": terms.token_accuracy.mean().item(),

@@ -62,13 +62,17 @@ class LocalRun:
     precision: str
 
 
+def run_directory(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir).resolve() / cfg.train.run_name
+
+
 def train_local(cfg: Config, console: Console | None = None) -> LocalRun:
     """Train `cfg` in this process; `console=None` shows no progress."""
     device = pick_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    run_dir = Path(cfg.train.output_dir).resolve() / cfg.train.run_name
+    run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
 

@@ -17,10 +17,6 @@ from raydiff.config import TrainConfig
 from raydiff.train.engine import Batch, DiffusionEngine
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the step was not applied."""
-
-
 class Reporter(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_state: dict | None) -> None: ...
 
@@ -42,11 +38,7 @@ def train_loop(engine: DiffusionEngine, train_batches: Iterator[Batch],
     metrics: dict[str, float] = {}
     while engine.step < cfg.max_steps:
         batch = next(train_batches)
-        step_metrics = engine.train_step(batch, loss_weight)
-        if not math.isfinite(step_metrics["loss"]):
-            raise NonFiniteLossError(
-                f"step {engine.step}: loss is {step_metrics['loss']}; training stopped, "
-                "the last checkpoint written before it is intact")
+        step_metrics = engine.train_step(batch, loss_weight)  # raises on a NaN/inf loss
         for k, v in step_metrics.items():
             window[k] = window.get(k, 0.0) + v
         window_steps += 1

@@ -1,0 +1,99 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from raydiff.config import load_config
+from raydiff.data.blocks import encode_blocks
+from raydiff.data.corpus import (
+    DataError,
+    build_corpus,
+    chunk_batches,
+    iterate_batches,
+    read_articles,
+    split_of,
+)
+from raydiff.data.synthetic import synthetic_news
+from raydiff.data.text import clean_text, segment
+from raydiff.data.tokenizer import PAD_ID, UNK_ID, save_tokenizer, train_word_tokenizer
+
+
+def test_split_by_article_is_deterministic_disjoint_and_proportional():
+    ids = [f"article-{i}" for i in range(20000)]
+    first = [split_of(a, 0.1, 0.05) for a in ids]
+    assert first == [split_of(a, 0.1, 0.05) for a in ids]
+    share = {s: first.count(s) / len(ids) for s in ("train", "valid", "test")}
+    assert share["valid"] == pytest.approx(0.1, abs=0.01)
+    assert share["test"] == pytest.approx(0.05, abs=0.01)
+
+
+def test_tokenizer_round_trips_and_has_configured_size(tmp_path):
+    texts = [a["text"] for a in synthetic_news(300, seed=1)]
+    tok = train_word_tokenizer(texts, vocab_size=60)
+    assert len(tok) == 60
+    assert tok.convert_tokens_to_ids("[PAD]") == PAD_ID and tok.unk_token_id == UNK_ID
+    save_tokenizer(tok, tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    sentence = "shares of globex were up 12 cents in london ."
+    ids = loaded(sentence)["input_ids"]
+    vocab = loaded.get_vocab()
+    expected = [w if w in vocab else "[UNK]" for w in sentence.split()]
+    assert loaded.convert_ids_to_tokens(ids) == expected
+    assert len(loaded) == 60
+
+
+def test_blocks_pad_and_truncate_to_seq_len():
+    tok = train_word_tokenizer(["a b c d e f g h"], vocab_size=20)
+    blocks = encode_blocks(tok, ["a b", "a b c d e f g h"], seq_len=4)
+    assert blocks["input_ids"].shape == (2, 4) and blocks["input_ids"].dtype == np.int64
+    assert blocks["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert blocks["input_ids"][0, 2:].tolist() == [PAD_ID, PAD_ID]
+
+
+def test_cleaning_and_segmentation():
+    raw = "Profits &amp; losses <b>rose</b> at <IBM>.\n\n  Shares   fell. Analysts  said so.\nok"
+    cleaned = clean_text(raw)
+    assert cleaned == "Profits & losses rose at .\nShares fell. Analysts said so.\nok"
+    assert segment(cleaned, min_words=2) == ["Profits & losses rose at .", "Shares fell.",
+                                             "Analysts said so."]
+
+
+def test_local_jsonl_gz_and_text_sources(tmp_path):
+    rows = [{"id": f"a{i}", "text": f"line {i} one two three\nsecond line of {i} here",
+             "title": f"Title {i}"} for i in range(50)]
+    path = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.write("{not json\n")
+    cfg = load_config(None, [f"data.source={path}", "data.title_column=title"]).data
+    articles = list(read_articles(cfg))
+    assert len(articles) == 50 and articles[0]["text"].startswith("Title 0\n")
+
+    text_file = tmp_path / "plain.txt"
+    text_file.write_text("first article words here\n\nsecond article words here\n")
+    cfg = load_config(None, [f"data.source={tmp_path}/*.txt"]).data
+    assert [a["text"].strip() for a in read_articles(cfg)] == [
+        "first article words here", "second article words here"]
+
+    with pytest.raises(DataError, match="no such file or directory"):
+        list(read_articles(load_config(None, [f"data.source={tmp_path}/nope.jsonl"]).data))
+
+
+def test_corpus_splits_do_not_share_articles_and_batches_cover_data():
+    cfg = load_config(None, ["data.synthetic_size=300", "data.seq_len=16", "data.vocab_size=100",
+                             "data.valid_fraction=0.2"]).data
+    corpus = build_corpus(cfg)
+    assert len(corpus.tokenizer) <= 100
+    train = corpus.splits["train"]
+    assert train["input_ids"].shape[1] == 16 and len(corpus.splits["valid"]["input_ids"]) > 0
+    # two ranks take disjoint halves of each global batch
+    rank0 = next(iterate_batches(train, 8, seed=0, rank=0, world_size=2))
+    rank1 = next(iterate_batches(train, 8, seed=0, rank=1, world_size=2))
+    whole = next(iterate_batches(train, 16, seed=0))
+    assert sorted(map(tuple, np.concatenate([rank0["input_ids"], rank1["input_ids"]]).tolist())) \
+        == sorted(map(tuple, whole["input_ids"].tolist()))
+    n_valid = len(corpus.splits["valid"]["input_ids"])
+    assert sum(len(b["input_ids"]) for b in chunk_batches(corpus.splits["valid"], 7)) == n_valid
