@@ -44,12 +44,45 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
+    import ray
+    from ray.data import DataContext
+
+    from raydiff.data.pipeline import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    ray.init(address=args.address or cfg.ray.address or "local", include_dashboard=False,
+             log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = console.is_terminal
+    with console.status(f"preparing {cfg.data.source} with Ray Data"):
+        prepared = prepare(cfg.data)
+    m = prepared.manifest
+    table = Table(title=f"prepared data{' (already complete)' if prepared.reused else ''}",
+                  show_header=False)
+    table.add_row("output", str(prepared.path))
+    table.add_row("articles / lines read", f"{m['articles']} / {m['lines']}")
+    table.add_row("skipped", ", ".join(f"{k} {v}" for k, v in m["skipped"].items()))
+    table.add_row("segments (before dedup)", f"{m['segments']} ({m['segments_before_dedup']})")
+    for split, s in m["splits"].items():
+        table.add_row(f"  {split}", f"{s['segments']} segments, {s['tokens']} tokens, "
+                                    f"{len(s['shards'])} shards")
+    table.add_row("vocabulary", str(m["vocab_size"]))
+    table.add_row("OOV rate / pad fraction", f"{m['oov_rate']:.4f} / {m['pad_fraction']:.4f}")
+    table.add_row("seconds", f"{m['seconds']:.1f}")
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a diffusion LM")
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
+    prep = sub.add_parser("prepare", help="clean, segment and tokenize a corpus with Ray Data")
+    _add_config_args(prep)
+    prep.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    prep.set_defaults(func=cmd_prepare)
     return parser
 
 

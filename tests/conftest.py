@@ -33,3 +33,16 @@ def tiny_denoiser(vocab_size: int = 50, seq_len: int = 8, embed_dim: int = 8, **
     ])
     torch.manual_seed(0)
     return Denoiser(cfg.model, vocab_size, seq_len).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (ray.init costs 6-20 s on 2 CPUs)."""
+    import ray
+    from ray.data import DataContext
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=300 * 1024**2)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
