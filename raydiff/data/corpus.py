@@ -76,13 +76,29 @@ def _read_file(path: Path, cfg: DataConfig) -> Iterator[dict[str, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # counted and reported by the Ray Data pipeline; skipped here
-            text = row.get(cfg.text_column) if isinstance(row, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                continue
-            title = row.get(cfg.title_column) if cfg.title_column else None
-            if isinstance(title, str) and title.strip():
-                text = f"{title}\n{text}"
-            yield {"id": str(row.get("id", f"{path.name}:{i}")), "text": text}
+            article = article_from_row(row, cfg, f"{path.name}:{i}")
+            if article is not None:
+                yield article
+
+
+def article_from_row(row: object, cfg: DataConfig, fallback_id: str) -> dict[str, str] | None:
+    """{"id", "text"} of one parsed record (text column, optional title first), or None when
+    it has no usable text."""
+    text = row.get(cfg.text_column) if isinstance(row, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        return None
+    title = row.get(cfg.title_column) if cfg.title_column else None
+    if isinstance(title, str) and title.strip():
+        text = f"{title}\n{text}"
+    return {"id": str(row.get("id", fallback_id)), "text": text}
+
+
+def article_segments(text: str, cfg: DataConfig) -> list[str]:
+    """Clean one article (lower-cased if configured) and cut it into training segments."""
+    text = clean_text(text)
+    if cfg.lowercase:
+        text = text.lower()
+    return segment(text, min_words=cfg.min_words, max_words=cfg.max_words)
 
 
 def read_articles(cfg: DataConfig) -> Iterator[dict[str, str]]:
@@ -108,11 +124,8 @@ def build_corpus(cfg: DataConfig) -> TokenizedCorpus:
     only; encode every split to (N, seq_len) blocks."""
     segments: dict[str, list[str]] = {s: [] for s in SPLITS}
     for article in read_articles(cfg):
-        text = clean_text(article["text"])
-        if cfg.lowercase:
-            text = text.lower()
         split = split_of(article["id"], cfg.valid_fraction, cfg.test_fraction)
-        segments[split] += segment(text, min_words=cfg.min_words, max_words=cfg.max_words)
+        segments[split] += article_segments(article["text"], cfg)
     if not segments["train"]:
         raise DataError(f"data.source={cfg.source}: no training segments after cleaning")
     tokenizer = train_word_tokenizer(segments["train"], cfg.vocab_size, lowercase=cfg.lowercase)

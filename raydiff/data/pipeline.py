@@ -35,8 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydiff.config import DataConfig
-from raydiff.data.corpus import SPLITS, DataError, local_files, split_of
-from raydiff.data.text import clean_text, segment
+from raydiff.data.corpus import (
+    SPLITS,
+    DataError,
+    article_from_row,
+    article_segments,
+    local_files,
+    split_of,
+)
 from raydiff.data.tokenizer import PAD_ID, UNK_ID, load_tokenizer, train_word_tokenizer
 
 MANIFEST = "manifest.json"
@@ -115,13 +121,10 @@ class ParseArticles:
             row = json.loads(line)
         except json.JSONDecodeError:
             return "malformed_json", "", ""
-        text = row.get(self.cfg.text_column) if isinstance(row, dict) else None
-        if not isinstance(text, str) or not text.strip():
+        article = article_from_row(row, self.cfg, article_id)
+        if article is None:
             return "empty_text", "", ""
-        title = row.get(self.cfg.title_column) if self.cfg.title_column else None
-        if isinstance(title, str) and title.strip():
-            text = f"{title}\n{text}"
-        return "ok", str(row.get("id", article_id)), text
+        return "ok", article["id"], article["text"]
 
     def __call__(self, batch: dict) -> dict:
         parsed = [self._parse(p, int(n), r)
@@ -139,12 +142,9 @@ class SegmentArticles:
     def __call__(self, batch: dict) -> dict:
         segments, ranks = [], []
         for article_id, text in zip(batch["id"], batch["text"], strict=True):
-            text = clean_text(text)
-            if self.cfg.lowercase:
-                text = text.lower()
             rank = SPLITS.index(split_of(article_id, self.cfg.valid_fraction,
                                          self.cfg.test_fraction))
-            for s in segment(text, min_words=self.cfg.min_words, max_words=self.cfg.max_words):
+            for s in article_segments(text, self.cfg):
                 segments.append(s)
                 ranks.append(rank)
         return {"segment": segments, "split": np.array(ranks, dtype=np.int8)}
