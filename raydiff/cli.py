@@ -59,7 +59,7 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
     m = prepared.manifest
     table = Table(title=f"prepared data{' (already complete)' if prepared.reused else ''}",
                   show_header=False)
-    table.add_row("output", str(prepared.path))
+    table.add_row("output", prepared.path)
     table.add_row("articles / lines read", f"{m['articles']} / {m['lines']}")
     table.add_row("skipped", ", ".join(f"{k} {v}" for k, v in m["skipped"].items()))
     table.add_row("segments (before dedup)", f"{m['segments']} ({m['segments_before_dedup']})")

@@ -71,21 +71,37 @@ class DiffusionConfig:
 class DataConfig:
     """Where the text comes from and how it becomes fixed-length token blocks."""
 
-    # "synthetic" (a generated toy news corpus), a local file/dir/glob, a hub id or an s3:// URI
+    # "synthetic" (a generated toy news corpus), a local file/dir/glob, an s3:// URI, or a
+    # Hugging Face hub dataset id (cc_news, ucirvine/reuters21578, ...)
     source: str = "synthetic"
-    out_dir: str = "data_cache"
+    out_dir: str = "data_cache"  # local path or s3:// URI
     text_column: str = "text"
-    title_column: str | None = None
+    title_column: str | None = None  # prepended to the text when set
+    id_column: str = "id"  # article id (split assignment); line position when absent
+    hub_config: str | None = None  # e.g. ModApte for ucirvine/reuters21578
+    hub_split: str = "train"
+    hub_data_files: str | None = None  # for hub builders such as "json" or "parquet"
     seq_len: int = _field(32, ge=2)
     vocab_size: int = _field(10000, ge=8)
     lowercase: bool = True
+    remove_tickers: bool = True  # Reuters company tags such as <IBM>
+    boilerplate_patterns: list = _field([])  # extra regexes removed from every article
     min_words: int = _field(3, ge=1)
     max_words: int = _field(256, ge=1)
+    pack: bool = False  # pack consecutive segments of an article into full blocks
     valid_fraction: float = _field(0.05, ge=0.0, le=0.5)
     test_fraction: float = _field(0.05, ge=0.0, le=0.5)
     max_articles: int | None = _field(None, ge=1)
     synthetic_size: int = _field(2000, ge=10)  # articles of the "synthetic" source
     seed: int = 0
+    # S3: endpoint/region/credentials; unset credentials come from the standard AWS variables
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+
+SECRET_KEYS = ("data.s3_access_key_id", "data.s3_secret_access_key")
 
 
 @dataclass
@@ -158,15 +174,22 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, redact: bool = False) -> dict[str, Any]:
+        """The tree as plain dicts; `redact` blanks credentials (for anything written out)."""
+        tree = dataclasses.asdict(self)
+        if redact:
+            for key in SECRET_KEYS:
+                section, name = key.split(".")
+                if tree[section][name] is not None:
+                    tree[section][name] = None
+        return tree
 
     def save(self, path: str | Path) -> None:
-        """Write the resolved tree as YAML (atomically: a reader never sees half a file)."""
+        """Write the resolved tree as YAML, credentials left out, atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(self.to_dict(redact=True), sort_keys=False))
         tmp.replace(path)
 
 

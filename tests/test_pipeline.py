@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from raydiff.config import load_config
 from raydiff.data.corpus import split_of
-from raydiff.data.pipeline import MANIFEST, prepare, prepared_dir, read_split_blocks
+from raydiff.data.pipeline import MANIFEST, output_location, prepare, read_split_blocks
 from tests.conftest import SHARED_DATA
 
 
@@ -34,7 +34,7 @@ def test_prepare_jsonl_gz_end_to_end(ray_session, tmp_path):
                              "data.valid_fraction=0.2", "data.test_fraction=0.1"]).data
     first = prepare(cfg)
     m = first.manifest
-    assert not first.reused and (first.path / MANIFEST).exists()
+    assert not first.reused and (tmp_path / 'out' / first.location.uri.rsplit('/', 1)[1] / MANIFEST).exists()
     assert m["articles"] == 120
     assert m["skipped"] == {"malformed_json": 1, "invalid_utf8": 1, "empty_text": 2,
                             "too_long": 0, "empty_file": 0}
@@ -44,7 +44,7 @@ def test_prepare_jsonl_gz_end_to_end(ray_session, tmp_path):
     expected_splits = {split_of(f"a{i}", 0.2, 0.1) for i in range(120)}
     assert {s for s, v in m["splits"].items() if v["segments"]} == expected_splits
 
-    tok = AutoTokenizer.from_pretrained(str(first.path / "tokenizer"))
+    tok = AutoTokenizer.from_pretrained(first.path + "/tokenizer")
     assert len(tok) <= 50
     train = read_split_blocks(first.path, "train")
     assert train["input_ids"].shape[1] == 12
@@ -55,7 +55,7 @@ def test_prepare_jsonl_gz_end_to_end(ray_session, tmp_path):
     assert again.reused and again.path == first.path and again.manifest == m
     other = load_config(None, [f"data.source={src}", f"data.out_dir={tmp_path / 'out'}",
                                "data.seq_len=16"]).data
-    assert prepared_dir(other) != first.path
+    assert output_location(other).uri != first.path
 
 
 @pytest.mark.timeout(300)

@@ -5,7 +5,7 @@ single machine and for tests.
 
 from __future__ import annotations
 
-import glob
+import functools
 import gzip
 import hashlib
 import json
@@ -17,17 +17,14 @@ import numpy as np
 
 from raydiff.config import DataConfig
 from raydiff.data.blocks import encode_blocks
+from raydiff.data.storage import DataError, local_files
 from raydiff.data.synthetic import synthetic_news
-from raydiff.data.text import clean_text, segment
+from raydiff.data.text import clean_text, compile_boilerplate, pack_segments, segment
 from raydiff.data.tokenizer import train_word_tokenizer
 
 SPLITS = ("train", "valid", "test")
 TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-
-
-class DataError(ValueError):
-    """A missing or unusable data source; the message is one line and names the path."""
 
 
 def split_of(article_id: str, valid_fraction: float, test_fraction: float) -> str:
@@ -40,22 +37,6 @@ def split_of(article_id: str, valid_fraction: float, test_fraction: float) -> st
     if u < valid_fraction + test_fraction:
         return "test"
     return "train"
-
-
-def local_files(source: str) -> list[Path]:
-    """The files a local path, directory or glob names, sorted."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    elif any(ch in source for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-    elif path.is_file():
-        files = [path]
-    else:
-        raise DataError(f"data.source={source}: no such file or directory")
-    if not files:
-        raise DataError(f"data.source={source}: matches no files")
-    return files
 
 
 def _read_file(path: Path, cfg: DataConfig) -> Iterator[dict[str, str]]:
@@ -90,15 +71,24 @@ def article_from_row(row: object, cfg: DataConfig, fallback_id: str) -> dict[str
     title = row.get(cfg.title_column) if cfg.title_column else None
     if isinstance(title, str) and title.strip():
         text = f"{title}\n{text}"
-    return {"id": str(row.get("id", fallback_id)), "text": text}
+    article_id = row.get(cfg.id_column)
+    return {"id": fallback_id if article_id is None else str(article_id), "text": text}
 
 
 def article_segments(text: str, cfg: DataConfig) -> list[str]:
-    """Clean one article (lower-cased if configured) and cut it into training segments."""
-    text = clean_text(text)
+    """Clean one article (lower-cased if configured) and cut it into training segments,
+    packed into blocks of up to seq_len tokens when `data.pack` is set."""
+    text = clean_text(text, remove_tickers=cfg.remove_tickers,
+                      boilerplate=_boilerplate(tuple(cfg.boilerplate_patterns)))
     if cfg.lowercase:
         text = text.lower()
-    return segment(text, min_words=cfg.min_words, max_words=cfg.max_words)
+    segments = segment(text, min_words=cfg.min_words, max_words=cfg.max_words)
+    return pack_segments(segments, cfg.seq_len) if cfg.pack else segments
+
+
+@functools.lru_cache(maxsize=8)
+def _boilerplate(patterns: tuple[str, ...]):
+    return compile_boilerplate(list(patterns))
 
 
 def read_articles(cfg: DataConfig) -> Iterator[dict[str, str]]:

@@ -14,14 +14,49 @@ _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 
 
-def clean_text(text: str, *, remove_tickers: bool = True) -> str:
-    """Unicode (NFKC) and whitespace normalisation, HTML entities and tags removed; keeps lines."""
+def clean_text(text: str, *, remove_tickers: bool = True,
+               boilerplate: re.Pattern | None = None) -> str:
+    """Unicode (NFKC) and whitespace normalisation, HTML entities and tags removed, optional
+    ticker tags and boilerplate removed; keeps lines."""
     text = unicodedata.normalize("NFKC", html.unescape(text))
     if remove_tickers:
         text = _TICKER.sub(" ", text)
+    if boilerplate is not None:
+        text = boilerplate.sub(" ", text)
     text = _TAG.sub(" ", text)
     lines = (_SPACES.sub(" ", line).strip() for line in text.splitlines())
     return "\n".join(line for line in lines if line)
+
+
+def compile_boilerplate(patterns: list[str]) -> re.Pattern | None:
+    """One regex matching any of the configured boilerplate patterns (None when there are none)."""
+    if not patterns:
+        return None
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"data.boilerplate_patterns: invalid regex {p!r} ({e})") from None
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.MULTILINE)
+
+
+WORD_OR_PUNCT = re.compile(r"\w+|[^\w\s]+")  # the tokenizer's Whitespace pre-tokenizer
+
+
+def pack_segments(segments: list[str], max_tokens: int) -> list[str]:
+    """Greedily join consecutive segments into pieces of at most `max_tokens` tokens (counted
+    as the word-level tokenizer splits them); a segment longer than that stands alone."""
+    packed, current, length = [], [], 0
+    for seg in segments:
+        n = len(WORD_OR_PUNCT.findall(seg))
+        if current and length + n > max_tokens:
+            packed.append(" ".join(current))
+            current, length = [], 0
+        current.append(seg)
+        length += n
+    if current:
+        packed.append(" ".join(current))
+    return packed
 
 
 def segment(text: str, *, min_words: int = 1, max_words: int = 10_000) -> list[str]:
