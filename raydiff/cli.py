@@ -48,9 +48,10 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
     import ray
     from ray.data import DataContext
 
-    from raydiff.data.pipeline import prepare
+    from raydiff.data.pipeline import output_location, prepare
 
     cfg = load_config(args.config, args.overrides)
+    output_location(cfg.data)  # a missing path or unreachable S3 fails here, before Ray starts
     ray.init(address=args.address or cfg.ray.address or "local", include_dashboard=False,
              log_to_driver=False)
     DataContext.get_current().enable_progress_bars = console.is_terminal

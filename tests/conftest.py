@@ -46,3 +46,31 @@ def ray_session():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 API as a real HTTP server on 127.0.0.1, with authentication enforced: one IAM
+    user with full S3 access; any other key is refused, as real S3 would."""
+    import json
+
+    os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "4"  # the 4 IAM calls below, then auth
+    import boto3
+    from moto import settings
+    from moto.server import ThreadedMotoServer
+
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 4
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    iam.create_user(UserName="raydiff")
+    policy = iam.create_policy(PolicyName="s3-all", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    iam.attach_user_policy(UserName="raydiff", PolicyArn=policy["Policy"]["Arn"])
+    key = iam.create_access_key(UserName="raydiff")["AccessKey"]
+    yield {"endpoint": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+    server.stop()

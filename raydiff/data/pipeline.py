@@ -363,26 +363,24 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
              .aggregate(Count(), Sum("n_tokens"), Sum("n_unk"), Sum("n_pad")).take_all()}
 
     with _staging(out) as stage:
-        blocks.select_columns(["split", "input_ids", "attention_mask"]).write_parquet(
-            stage.ray_path(stage.child("blocks").uri), partition_cols=["split"],
-            filesystem=stage.arrow_filesystem(), min_rows_per_file=50_000)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
             stage.fs.put(tmp + "/", stage.child("tokenizer").uri + "/", recursive=True)
         per_split = {}
         for index, split in enumerate(SPLITS):
-            written, final = stage.child(f"blocks/split={index}"), stage.child(split)
-            shards = []
-            if written.exists():
-                stage.fs.mv(written.uri, final.uri, recursive=True)
-                shards = sorted(Path(p).name for p in stage.fs.glob(final.uri + "/*.parquet"))
             row = stats.get(index, {})
+            target = stage.child(split)
+            stage.fs.makedirs(target.uri, exist_ok=True)
+            if row:
+                (blocks.filter(expr=f"split == {index}")
+                 .select_columns(["input_ids", "attention_mask"])
+                 .write_parquet(stage.ray_path(target.uri), filesystem=stage.arrow_filesystem(),
+                                min_rows_per_file=50_000))
             per_split[split] = {
                 "segments": int(row.get("count()", 0)),
                 "tokens": int(row.get("sum(n_tokens)", 0)), "unk": int(row.get("sum(n_unk)", 0)),
-                "pad": int(row.get("sum(n_pad)", 0)), "shards": shards}
-        if stage.child("blocks").exists():
-            stage.fs.rm(stage.child("blocks").uri, recursive=True)
+                "pad": int(row.get("sum(n_pad)", 0)),
+                "shards": sorted(Path(p).name for p in stage.fs.glob(target.uri + "/*.parquet"))}
         n_segments = sum(s["segments"] for s in per_split.values())
         tokens = sum(s["tokens"] for s in per_split.values())
         manifest = {
@@ -462,9 +460,12 @@ def read_split_blocks(path: str, split: str, cfg: DataConfig | None = None) -> d
             .astype(np.int8)}
 
 
-def training_datasets(path: str, cfg: DataConfig | None = None, splits=("train", "valid")):
-    """Ray Datasets of a prepared output, for `ray.train.get_dataset_shard`. Shuffle per epoch
-    with `shuffled(ds, seed, epoch)`."""
+def training_datasets(path: str, cfg: DataConfig | None = None, splits=("train", "valid"),
+                      rows_per_block: int = 256):
+    """Ray Datasets of a prepared output, for `ray.train.get_dataset_shard`, in blocks of
+    `rows_per_block` rows: many small blocks let workers that consume at different speeds
+    (streaming_split(equal=False)) all get data and keep the tail dropped at an epoch's end
+    small. Shuffle per epoch with `shuffled(ds, seed, epoch)`."""
     import ray.data
 
     location, manifest = open_prepared(path, cfg)
@@ -475,7 +476,8 @@ def training_datasets(path: str, cfg: DataConfig | None = None, splits=("train",
             raise DataError(f"{path}: split {split!r} is empty")
         out[split] = ray.data.read_parquet(
             [location.ray_path(f"{location.uri}/{split}/{s}") for s in shards],
-            filesystem=location.arrow_filesystem())
+            filesystem=location.arrow_filesystem(),
+        ).repartition(target_num_rows_per_block=rows_per_block)
     return out
 
 
