@@ -1,9 +1,10 @@
 """`raydiff prepare`: raw articles -> cleaned, segmented, de-duplicated, tokenized Parquet shards,
 with Ray Data doing the work so that it scales from a laptop to a cluster.
 
-    files (local / s3) --read_binary_files--> lines --parse-->   articles (+ status)
-    hub dataset, synthetic --from_arrow/from_items--> rows --parse--^
-    articles --segment--> segments --groupby(segment)--> unique --tokenize--> blocks --write_parquet
+    pass 1 (Ray Data, parallel): files (local / s3) --read_binary_files--> lines, or hub /
+        synthetic rows --> parse + clean + segment --> one row per record (status, segments)
+    driver: status counts, exact-duplicate removal, tokenizer training (train split only)
+    pass 2 (Ray Data, parallel): unique segments --> tokenize --> Parquet shards per split
 
 Output (the layout trainers and evaluation read):
 
@@ -24,16 +25,19 @@ import functools
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from raydiff.config import SECRET_KEYS, DataConfig
@@ -152,118 +156,141 @@ def _parquet_rows_as_json(data: bytes) -> list[bytes]:
     return [json.dumps(row, default=str).encode() for row in table.to_pylist()]
 
 
-class ParseLines:
-    """Decode and parse each line; every line gets a status, and only "ok" lines an article."""
+class SegmentRecords:
+    """Lines (files) or rows (tables) -> one output row per input record: its status, its
+    position in the input (for a deterministic `max_articles`), its split, and its segments.
+    Parsing, cleaning and segmentation are fused into this one stage."""
 
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
+    RANK_OF_SPLIT = {"valid": 0, "test": 1, "train": 2}  # held-out splits win duplicates
 
-    def _parse(self, path: str, lineno: int, raw: bytes) -> tuple[str, str, str]:
+    def __init__(self, cfg: DataConfig, file_index: dict[str, int] | None = None,
+                 id_prefix: str = ""):
+        self.cfg, self.file_index, self.id_prefix = cfg, file_index, id_prefix
+
+    def _parse_line(self, path: str, lineno: int, raw: bytes) -> tuple[str, dict | None]:
         if lineno < 0:
-            return "empty_file", "", ""
+            return "empty_file", None
         if len(raw) > MAX_LINE_BYTES:
-            return "too_long", "", ""
+            return "too_long", None
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            return "invalid_utf8", "", ""
+            return "invalid_utf8", None
         article_id = f"{os.path.basename(path)}:{lineno}"
         if path.endswith((".txt", ".txt.gz")):
-            return ("ok", article_id, line) if line.strip() else ("empty_text", "", "")
+            return ("ok", {"id": article_id, "text": line}) if line.strip() else ("empty_text", None)
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            return "malformed_json", "", ""
+            return "malformed_json", None
         article = article_from_row(row, self.cfg, article_id)
-        if article is None:
-            return "empty_text", "", ""
-        return "ok", article["id"], article["text"]
+        return ("ok", article) if article else ("empty_text", None)
 
-    def __call__(self, batch: dict) -> dict:
-        parsed = [self._parse(p, int(n), r)
-                  for p, n, r in zip(batch["path"], batch["lineno"], batch["raw"], strict=True)]
-        return _status_columns(parsed)
-
-
-class ParseRows:
-    """Table rows (hub datasets, the synthetic corpus) to articles with a status."""
-
-    def __init__(self, cfg: DataConfig, id_prefix: str):
-        self.cfg, self.id_prefix = cfg, id_prefix
-
-    def __call__(self, batch: dict) -> dict:
+    def _records(self, batch: dict):
+        if self.file_index is not None:  # lines of files
+            for path, lineno, raw in zip(batch["path"], batch["lineno"], batch["raw"],
+                                         strict=True):
+                lineno = int(lineno)
+                order = (self.file_index[path] << 32) + max(lineno, 0)
+                yield (order, *self._parse_line(path, lineno, raw))
+            return
         columns = list(batch)
-        n = len(batch[columns[0]]) if columns else 0
-        parsed = []
-        for i in range(n):
+        for i in range(len(batch["_row"])):  # rows of a table
             row = {c: _plain(batch[c][i]) for c in columns}
-            article = article_from_row(row, self.cfg, f"{self.id_prefix}:{row.get('_row')}")
-            parsed.append(("ok", article["id"], article["text"]) if article
-                          else ("empty_text", "", ""))
-        return _status_columns(parsed)
+            article = article_from_row(row, self.cfg, f"{self.id_prefix}:{row['_row']}")
+            yield row["_row"], ("ok" if article else "empty_text"), article
+
+    SCHEMA = pa.schema([("status", pa.string()), ("order", pa.int64()), ("rank", pa.int8()),
+                        ("segments", pa.list_(pa.string()))])
+
+    def __call__(self, batch: dict) -> pa.Table:
+        statuses, orders, ranks, segments = [], [], [], []
+        for order, status, article in self._records(batch):
+            statuses.append(status)
+            orders.append(order)
+            if article is None:
+                ranks.append(-1)
+                segments.append([])
+                continue
+            split = split_of(article["id"], self.cfg.valid_fraction, self.cfg.test_fraction)
+            ranks.append(self.RANK_OF_SPLIT[split])
+            segments.append(article_segments(article["text"], self.cfg))
+        return pa.table([statuses, orders, ranks, segments], schema=self.SCHEMA)
 
 
 def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _status_columns(parsed: list[tuple[str, str, str]]) -> dict:
-    status, ids, texts = zip(*parsed, strict=True) if parsed else ((), (), ())
-    return {"status": list(status), "id": list(ids), "text": list(texts)}
-
-
-class SegmentArticles:
-    """Clean each article and cut it into segments, tagged with the article's hold-out rank."""
-
-    # rank order valid (0) < test (1) < train (2): min(rank) over duplicates keeps a segment in
-    # a held-out split, so nothing seen in evaluation is also trained on
-    RANK_OF_SPLIT = {"valid": 0, "test": 1, "train": 2}
-
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
-
-    def __call__(self, batch: dict) -> dict:
-        segments, ranks = [], []
-        for article_id, text in zip(batch["id"], batch["text"], strict=True):
-            split = split_of(article_id, self.cfg.valid_fraction, self.cfg.test_fraction)
-            for s in article_segments(text, self.cfg):
-                segments.append(s)
-                ranks.append(self.RANK_OF_SPLIT[split])
-        return {"segment": segments, "rank": np.array(ranks, dtype=np.int8)}
-
-
 @functools.lru_cache(maxsize=4)
-def _tokenizer_from_json(tokenizer_json: str):
+def _tokenizer_from_json(tokenizer_json: str, seq_len: int):
+    # a Ray task holds one CPU: the tokenizer's own thread pool would take every core of the
+    # node and fight the other tasks for them
+    if os.environ.get("RAY_WORKER_MODE") or _in_ray_worker():
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(tokenizer_json)
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.enable_truncation(seq_len)
+    return tokenizer
 
 
-class TokenizeBlocks:
-    """Tokenize segments into fixed blocks. The tokenizer travels as its JSON (any node can
-    build it), cached per worker process; stages run as tasks, not actor pools, because on
-    small machines actors holding every CPU starve the read tasks."""
+def _in_ray_worker() -> bool:
+    try:
+        import ray
 
-    SPLIT_OF_RANK = np.array([SPLITS.index("valid"), SPLITS.index("test"), SPLITS.index("train")],
-                             dtype=np.int8)
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:
+        return False
 
-    def __init__(self, tokenizer_json: str, seq_len: int):
-        self.tokenizer_json, self.seq_len = tokenizer_json, seq_len
+
+def encode_fixed(tokenizer_json: str, texts: list[str], seq_len: int):
+    """(N, seq_len) int32 ids padded with PAD and the (N, seq_len) int8 attention mask."""
+    encodings = _tokenizer_from_json(tokenizer_json, seq_len).encode_batch(texts)
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(texts))
+    mask = np.arange(seq_len)[None, :] < lengths[:, None]  # (N, seq_len)
+    ids = np.full((len(texts), seq_len), PAD_ID, dtype=np.int32)
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings),
+                            dtype=np.int32, count=int(lengths.sum()))  # row-major fill
+    return ids, mask.astype(np.int8)
+
+
+class TokenizeAndWrite:
+    """Tokenize a block of unique segments and write one Parquet shard per split it holds,
+    straight from the task (no extra pass); return one metadata row per shard. The tokenizer
+    travels as JSON, so any node can rebuild it."""
+
+    def __init__(self, tokenizer_json: str, seq_len: int, stage: Location):
+        self.tokenizer_json, self.seq_len, self.stage = tokenizer_json, seq_len, stage
 
     def __call__(self, batch: dict) -> dict:
-        tokenizer = _tokenizer_from_json(self.tokenizer_json)
-        ids = np.full((len(batch["segment"]), self.seq_len), PAD_ID, dtype=np.int32)
-        lengths = np.zeros(len(batch["segment"]), dtype=np.int64)
-        for row, enc in enumerate(tokenizer.encode_batch(list(batch["segment"]))):
-            tokens = enc.ids[: self.seq_len]  # truncate
-            ids[row, : len(tokens)] = tokens
-            lengths[row] = len(tokens)
-        mask = (np.arange(self.seq_len)[None, :] < lengths[:, None]).astype(np.int8)
-        return {"input_ids": ids, "attention_mask": mask,
-                "split": self.SPLIT_OF_RANK[batch["rank"]],
-                "n_tokens": mask.sum(1).astype(np.int64),
-                "n_unk": ((ids == UNK_ID) & (mask == 1)).sum(1).astype(np.int64),
-                "n_pad": (mask == 0).sum(1).astype(np.int64)}
+        ids, mask = encode_fixed(self.tokenizer_json, list(batch["segment"]), self.seq_len)
+        splits = np.asarray(batch["split"])
+        rows: dict[str, list] = {k: [] for k in ("split", "shard", "segments", "tokens", "unk",
+                                                 "pad")}
+        for index, split in enumerate(SPLITS):
+            keep = splits == index
+            if not keep.any():
+                continue
+            shard = f"part-{uuid.uuid4().hex[:16]}.parquet"
+            table = pa.table({"input_ids": _fixed_lists(ids[keep]),
+                              "attention_mask": _fixed_lists(mask[keep]),
+                              "row_id": np.asarray(batch["row_id"])[keep]})
+            with self.stage.fs.open(f"{self.stage.uri}/{split}/{shard}", "wb") as f:
+                pq.write_table(table, f)
+            m = mask[keep]
+            rows["split"].append(split)
+            rows["shard"].append(shard)
+            rows["segments"].append(int(keep.sum()))
+            rows["tokens"].append(int(m.sum()))
+            rows["unk"].append(int(((ids[keep] == UNK_ID) & (m == 1)).sum()))
+            rows["pad"].append(int((m == 0).sum()))
+        return rows
+
+
+def _fixed_lists(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, L) -> an Arrow fixed_size_list<L> column, without a Python loop."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -290,97 +317,95 @@ def read_manifest(location: Location) -> dict | None:
 def prepare(cfg: DataConfig) -> PreparedData:
     """Prepare `cfg.source` under `output_location(cfg)` on the current Ray cluster (started by
     the caller). A no-op when that output is already complete."""
-    from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
-
     source = resolve_source(cfg)
     out = output_location(cfg, source)
     existing = read_manifest(out)
     if existing is not None:
         return PreparedData(out, existing, reused=True)
-    # Task-based sort shuffle for the group-bys: the default hash shuffle starts aggregator
-    # actors, which took 37 s against 10 s for a whole small run on 2 CPUs here.
-    context = DataContext.get_current()
-    previous = context.shuffle_strategy
-    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    try:
-        return _prepare(cfg, source, out)
-    finally:
-        context.shuffle_strategy = previous
+    return _prepare(cfg, source, out)
 
 
-def _articles(cfg: DataConfig, source: Source, parallelism: int):
-    """The parsed dataset: one row per input line or record with status, id and text."""
+def _records(cfg: DataConfig, source: Source, parallelism: int):
+    """Pass 1 as a lazy dataset: one row per input record with status, order, rank, segments."""
     import ray.data
 
     if source.kind == "files":
         lines = ray.data.read_binary_files(
             [source.location.ray_path(f) for f in source.files], include_paths=True,
             filesystem=source.location.arrow_filesystem())
+        file_index = {source.location.ray_path(f): i for i, f in enumerate(source.files)}
         return (lines.map_batches(_explode_files, batch_size=1)
-                .repartition(max(4, 4 * parallelism))
-                .map_batches(ParseLines(cfg), batch_size=1024))
+                .repartition(max(2, 2 * parallelism))
+                .map_batches(SegmentRecords(cfg, file_index=file_index), batch_size=None))
     if source.kind == "hub":
         table = _hub_rows(cfg)
-        table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
-        rows = ray.data.from_arrow(table).repartition(max(4, 4 * parallelism))
+        rows = ray.data.from_arrow(table.append_column("_row", pa.array(
+            np.arange(table.num_rows)))).repartition(max(2, 2 * parallelism))
     else:
         rows = ray.data.from_items([dict(a, _row=i) for i, a in enumerate(
             synthetic_news(cfg.synthetic_size, cfg.seed))])
-    return rows.map_batches(ParseRows(cfg, source.name), batch_size=1024)
+    return rows.map_batches(SegmentRecords(cfg, id_prefix=source.name), batch_size=None)
 
 
 def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
     import ray
-    from ray.data.aggregate import Count, Sum
+    import ray.data
 
     started = time.perf_counter()
     parallelism = max(1, int(ray.available_resources().get("CPU", 1)))
 
-    parsed = _articles(cfg, source, parallelism).materialize()
-    counts = {row["status"]: row["count()"]
-              for row in parsed.groupby("status", num_partitions=1).count().take_all()}
-    articles = parsed.filter(expr="status == 'ok'")
+    # pass 1 (parallel): parse, clean, segment
+    blocks = ray.get(_records(cfg, source, parallelism).to_arrow_refs())
+    records = pa.concat_tables([b.cast(SegmentRecords.SCHEMA) for b in blocks if b.num_rows]
+                               or [SegmentRecords.SCHEMA.empty_table()]).sort_by("order")
+    statuses, counts = np.unique(records["status"].to_numpy(zero_copy_only=False),
+                                 return_counts=True)
+    counts = dict(zip(statuses.tolist(), counts.tolist(), strict=True))
+    ok = records.filter(pa.compute.equal(records["status"], "ok"))
     if cfg.max_articles is not None:
-        articles = articles.limit(cfg.max_articles)
-    segments = articles.map_batches(SegmentArticles(cfg), batch_size=256).materialize()
-    n_segments_total = segments.count()
-    if n_segments_total == 0:
+        ok = ok.slice(0, cfg.max_articles)
+
+    # on the driver, which must see all training text anyway to train the tokenizer:
+    # exact duplicates collapse to one segment, kept in the most held-out split it occurs in
+    rank_of: dict[str, int] = {}
+    n_segments_total = 0
+    for rank, segs in zip(ok["rank"].to_pylist(), ok["segments"].to_pylist(), strict=True):
+        n_segments_total += len(segs)
+        for seg in segs:
+            if rank < rank_of.get(seg, 3):
+                rank_of[seg] = rank
+    if not rank_of:
         raise DataError(f"data.source={cfg.source}: no segments after cleaning "
                         f"(line statuses: {counts})")
-    unique = (segments.groupby("segment", num_partitions=parallelism).min("rank")
-              .rename_columns({"min(rank)": "rank"}).materialize())
-
-    train_rank = SegmentArticles.RANK_OF_SPLIT["train"]
-    train_text = (s for batch in unique.filter(expr=f"rank == {train_rank}")
-                  .iter_batches(batch_size=4096, batch_format="pyarrow")
-                  for s in batch["segment"].to_pylist())
-    tokenizer = train_word_tokenizer(train_text, cfg.vocab_size, lowercase=cfg.lowercase)
-    blocks = unique.map_batches(
-        TokenizeBlocks(tokenizer.backend_tokenizer.to_str(), cfg.seq_len),
-        batch_size=1024).materialize()
-    stats = {int(row["split"]): row for row in blocks.groupby("split", num_partitions=1)
-             .aggregate(Count(), Sum("n_tokens"), Sum("n_unk"), Sum("n_pad")).take_all()}
+    split_of_rank = [SPLITS.index("valid"), SPLITS.index("test"), SPLITS.index("train")]
+    tokenizer = train_word_tokenizer(
+        (s for s, r in rank_of.items() if r == SegmentRecords.RANK_OF_SPLIT["train"]),
+        cfg.vocab_size, lowercase=cfg.lowercase)
 
     with _staging(out) as stage:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
             stage.fs.put(tmp + "/", stage.child("tokenizer").uri + "/", recursive=True)
+        for split in SPLITS:
+            stage.fs.makedirs(stage.child(split).uri, exist_ok=True)
+        # pass 2 (parallel): tokenize and write the shards
+        unique = pa.table({"segment": list(rank_of),
+                           "row_id": np.arange(len(rank_of), dtype=np.int64),
+                           "split": np.array([split_of_rank[r] for r in rank_of.values()],
+                                             dtype=np.int8)})
+        n_blocks = max(2 * parallelism, -(-unique.num_rows // 50_000))
+        step = -(-unique.num_rows // n_blocks)
+        pieces = [unique.slice(i, step) for i in range(0, unique.num_rows, step)]
+        shards = (ray.data.from_arrow(pieces)
+                  .map_batches(TokenizeAndWrite(tokenizer.backend_tokenizer.to_str(),
+                                                cfg.seq_len, stage), batch_size=None)
+                  .take_all())
         per_split = {}
-        for index, split in enumerate(SPLITS):
-            row = stats.get(index, {})
-            target = stage.child(split)
-            stage.fs.makedirs(target.uri, exist_ok=True)
-            if row:
-                (blocks.filter(expr=f"split == {index}")
-                 .select_columns(["input_ids", "attention_mask"])
-                 .write_parquet(stage.ray_path(target.uri), filesystem=stage.arrow_filesystem(),
-                                min_rows_per_file=50_000))
+        for split in SPLITS:
+            mine = [r for r in shards if r["split"] == split]
             per_split[split] = {
-                "segments": int(row.get("count()", 0)),
-                "tokens": int(row.get("sum(n_tokens)", 0)), "unk": int(row.get("sum(n_unk)", 0)),
-                "pad": int(row.get("sum(n_pad)", 0)),
-                "shards": sorted(Path(p).name for p in stage.fs.glob(target.uri + "/*.parquet"))}
+                key: sum(int(r[key]) for r in mine) for key in ("segments", "tokens", "unk", "pad")
+            } | {"shards": sorted(r["shard"] for r in mine)}
         n_segments = sum(s["segments"] for s in per_split.values())
         tokens = sum(s["tokens"] for s in per_split.values())
         manifest = {
@@ -388,8 +413,7 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
             "fingerprint": fingerprint(cfg, source),
             "data_config": {k: v for k, v in dataclasses.asdict(cfg).items()
                             if k not in SECRET_FIELDS},
-            "articles": min(counts.get("ok", 0), cfg.max_articles or counts.get("ok", 0)),
-            "lines": sum(counts.values()),
+            "articles": ok.num_rows, "lines": sum(counts.values()),
             "skipped": {k: counts.get(k, 0) for k in STATUSES if k != "ok"},
             "segments_before_dedup": n_segments_total, "segments": n_segments,
             "tokens": tokens, "vocab_size": len(tokenizer),
@@ -482,5 +506,33 @@ def training_datasets(path: str, cfg: DataConfig | None = None, splits=("train",
 
 
 def shuffled(dataset, seed: int, epoch: int):
-    """A seeded per-epoch reshuffle: the same (seed, epoch) gives the same order."""
-    return dataset.random_shuffle(seed=seed * 1_000_003 + epoch)
+    """A seeded per-epoch reshuffle: rows sorted by a hash of (row_id, seed, epoch), so the same
+    (seed, epoch) gives exactly the same order whatever the block layout (Ray's seeded
+    random_shuffle does not), and every epoch a different one."""
+    salt = np.uint64((seed * 1_000_003 + epoch) & 0xFFFFFFFFFFFFFFFF)
+
+    def add_key(batch: dict) -> dict:
+        batch["shuffle_key"] = _mix64(np.asarray(batch["row_id"]).astype(np.uint64) ^ salt)
+        return batch
+
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    # the task-based sort shuffle: the default hash shuffle starts aggregator actors, which
+    # cost tens of seconds per epoch on a small machine
+    context = DataContext.get_current()
+    previous = context.shuffle_strategy
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        return (dataset.map_batches(add_key, batch_format="numpy").sort("shuffle_key")
+                .drop_columns(["shuffle_key"]))
+    finally:
+        context.shuffle_strategy = previous
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixed hash of uint64s."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return (x ^ (x >> np.uint64(31))).astype(np.int64)
