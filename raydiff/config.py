@@ -147,7 +147,9 @@ class RayConfig:
     num_workers: int = _field(1, ge=0)
     use_gpu: bool = False
     cpus_per_worker: float = _field(1.0, gt=0.0)
-    storage_path: str | None = None  # local path or s3:// URI; default train.output_dir
+    storage_path: str | None = None  # where runs and checkpoints go; default train.output_dir
+    max_failures: int = _field(0, ge=0)  # worker-group restarts from the latest checkpoint
+    checkpoints_to_keep: int = _field(3, ge=1)
 
 
 @dataclass

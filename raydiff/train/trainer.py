@@ -1,0 +1,190 @@
+"""Training on Ray Train V2: the engine and loop of `raydiff.train.loop` on every worker, DDP
+through `prepare_model` (gloo on CPU, NCCL on GPU), data from the prepared Parquet shards
+through `get_dataset_shard`, checkpoints through `ray.train.report` from rank 0.
+
+    runs/<run_name>/            (train.output_dir, or ray.storage_path)
+      config.yaml  metrics.jsonl
+      step_00001000/            state.pt, config.yaml, tokenizer/ (as checkpoint.py writes)
+
+Re-running the same run name resumes from the latest checkpoint (a new TorchTrainer with the
+same RunConfig name and storage path).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raydiff.config import Config, build_config
+from raydiff.data.corpus import chunk_batches
+from raydiff.data.pipeline import open_prepared, prepare, read_split_blocks, training_datasets
+from raydiff.data.tokenizer import load_tokenizer
+from raydiff.train.checkpoint import STATE_FILE, latest_checkpoint, write_checkpoint_files
+from raydiff.train.engine import DiffusionEngine
+from raydiff.train.loop import LoopResult, train_loop
+from raydiff.train.precision import resolve_precision
+
+SUMMED_METRICS = ("tokens_per_s",)  # the rest are averaged over workers
+
+
+# ----------------------------------------------------------------------------- on each worker
+
+
+class RayReporter:
+    """Averages each report over the workers, appends it to metrics.jsonl (rank 0) and hands
+    it to `ray.train.report`, with the checkpoint when the chief has one."""
+
+    def __init__(self, cfg: Config, run_dir: Path, tokenizer, rank: int, world_size: int):
+        self.cfg, self.run_dir, self.tokenizer = cfg, run_dir, tokenizer
+        self.rank, self.world_size = rank, world_size
+
+    def _all_reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(values)  # gloo/NCCL: every rank reports equally often
+        return {k: v if k in SUMMED_METRICS or k == "step" else v / self.world_size
+                for k, v in zip(keys, values.tolist(), strict=True)} | {"step": metrics["step"]}
+
+    def report(self, metrics: dict[str, float], checkpoint_state: dict | None) -> None:
+        import ray.train
+
+        metrics = self._all_reduce(metrics)
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if checkpoint_state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            write_checkpoint_files(Path(tmp), checkpoint_state, self.cfg, self.tokenizer)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"step_{int(metrics['step']):08d}")
+
+
+def _epochs(shard, batch_size: int) -> Iterator[dict]:
+    """This worker's batches, epoch after epoch; the partial batch at an epoch's end is dropped
+    so that every worker takes the same number of steps. (A resumed run starts a fresh epoch.)"""
+    for epoch in itertools.count():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=4 * batch_size,
+                                              local_shuffle_seed=epoch):
+            yield {"input_ids": batch["input_ids"].long(),
+                   "attention_mask": batch["attention_mask"]}
+
+
+def worker_loop(config: dict) -> None:
+    """The per-worker function TorchTrainer runs."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = build_config(config["cfg"], origin="ray worker")
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.num_threads and device.type == "cpu":
+        torch.set_num_threads(cfg.train.num_threads)
+
+    engine = DiffusionEngine(cfg, config["vocab_size"], device, precision,
+                             seed=cfg.train.seed + rank,
+                             wrap_model=ray.train.torch.prepare_model)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            engine.load_state_dict(torch.load(Path(directory) / STATE_FILE, weights_only=False,
+                                              map_location="cpu"))
+
+    local_batch = cfg.train.batch_size // world_size
+    train_batches = _epochs(ray.train.get_dataset_shard("train"), local_batch)
+    valid = read_split_blocks(config["data_path"], "valid", cfg.data)
+
+    def valid_batches():
+        return chunk_batches(valid, cfg.train.batch_size, cfg.train.eval_batches)
+
+    tokenizer = load_tokenizer(config["tokenizer_dir"])
+    reporter = RayReporter(cfg, Path(config["run_dir"]), tokenizer, rank, world_size)
+    train_loop(engine, train_batches, valid_batches, cfg.train, reporter, is_chief=rank == 0)
+
+
+# ----------------------------------------------------------------------------- on the driver
+
+
+@dataclass
+class RayRun:
+    run_dir: Path
+    result: LoopResult | None
+    last_checkpoint: Path | None
+    metrics: dict
+
+
+def start_ray(address: str | None) -> None:
+    """Join `address` (or RAY_ADDRESS); without either, start a local Ray sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail at once, in one line, where Train would otherwise wait for resources forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise ValueError(
+            f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker="
+            f"{cfg.ray.cpus_per_worker} needs {need_cpu:g} CPUs; the cluster has "
+            f"{total.get('CPU', 0):g}")
+    if cfg.ray.use_gpu and cfg.ray.num_workers > total.get("GPU", 0):
+        raise ValueError(f"ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers}, but the "
+                         f"cluster has {total.get('GPU', 0):g} GPUs")
+
+
+def train_on_ray(cfg: Config) -> RayRun:
+    """Prepare the data if needed, then fit a TorchTrainer; returns where things are."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    start_ray(cfg.ray.address)
+    check_resources(cfg)
+    prepared = prepare(cfg.data)  # a no-op when the prepared output exists
+    location, manifest = open_prepared(prepared.path, cfg.data)
+    if location.is_s3:
+        raise ValueError("data.out_dir on s3:// is not supported by `raydiff train` yet; "
+                         "prepare to a local or shared path")
+
+    storage = Path(cfg.ray.storage_path or cfg.train.output_dir).expanduser().resolve()
+    run_dir = storage / cfg.train.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={
+            "cfg": cfg.to_dict(), "vocab_size": manifest["vocab_size"],
+            "data_path": prepared.path, "tokenizer_dir": f"{prepared.path}/tokenizer",
+            "run_dir": str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep)),
+        datasets={"train": training_datasets(prepared.path, cfg.data, splits=("train",))["train"]},
+    )
+    trainer.fit()
+    reports = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return RayRun(run_dir, None, latest_checkpoint(run_dir), reports[-1] if reports else {})
