@@ -47,8 +47,8 @@ def baseline(source: str, max_articles: int | None) -> dict:
     otherwise use every core, which a 1-CPU Ray task does not)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from raydiff.config import load_config
+    from raydiff.data.blocks import encode_fixed
     from raydiff.data.corpus import SPLITS, article_from_row, article_segments, split_of
-    from raydiff.data.pipeline import encode_fixed
     from raydiff.data.tokenizer import train_word_tokenizer
 
     with tempfile.TemporaryDirectory() as out:
@@ -76,7 +76,7 @@ def baseline(source: str, max_articles: int | None) -> dict:
                                   SPLITS.index("train")])
         splits = split_of_rank[np.array([best[s] for s in segments])]
         tokenizer = train_word_tokenizer((s for s, r in best.items() if r == 2), cfg.vocab_size)
-        ids, mask = encode_fixed(tokenizer.backend_tokenizer.to_str(), segments, cfg.seq_len)
+        ids, mask = encode_fixed(tokenizer.backend_tokenizer, segments, cfg.seq_len)
         for index, split in enumerate(SPLITS):
             keep = splits == index
             Path(out, split).mkdir()

@@ -1,23 +1,38 @@
-"""Token ids in fixed-length blocks of `seq_len`: the tensors every trainer reads."""
+"""Token ids in fixed-length blocks of `seq_len`: the arrays every trainer reads.
+
+One implementation on the raw `tokenizers.Tokenizer` serves both the single-process path and
+the Ray Data workers (which never import transformers: it costs seconds per process).
+"""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from raydiff.data.tokenizer import PAD_ID
+
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
 
-def encode_blocks(tokenizer: PreTrainedTokenizerBase, segments: Sequence[str],
+def encode_fixed(tokenizer: Tokenizer, texts: Sequence[str], seq_len: int):
+    """Right-padded, truncated blocks: (N, seq_len) int32 ids and (N, seq_len) int8 mask."""
+    encodings = tokenizer.encode_batch(list(texts))
+    lengths = np.fromiter((min(len(e.ids), seq_len) for e in encodings), dtype=np.int64,
+                          count=len(encodings))
+    mask = np.arange(seq_len)[None, :] < lengths[:, None]  # (N, seq_len)
+    ids = np.full((len(encodings), seq_len), PAD_ID, dtype=np.int32)
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(e.ids[:seq_len] for e in encodings),
+                            dtype=np.int32, count=int(lengths.sum()))  # row-major fill
+    return ids, mask.astype(np.int8)
+
+
+def encode_blocks(tokenizer: PreTrainedTokenizerFast, segments: Sequence[str],
                   seq_len: int) -> dict[str, np.ndarray]:
-    """One block per segment, truncated or padded to `seq_len`.
-
-    Returns {"input_ids": (N, seq_len) int64, "attention_mask": (N, seq_len) int8}.
-    """
-    enc = tokenizer(list(segments), max_length=seq_len, truncation=True, padding="max_length",
-                    return_attention_mask=True, return_tensors="np")
-    return {"input_ids": enc["input_ids"].astype(np.int64),
-            "attention_mask": enc["attention_mask"].astype(np.int8)}
+    """One block per segment: {"input_ids": (N, seq_len) int64, "attention_mask": (N, seq_len)}."""
+    ids, mask = encode_fixed(tokenizer.backend_tokenizer, segments, seq_len)
+    return {"input_ids": ids.astype(np.int64), "attention_mask": mask}

@@ -25,7 +25,6 @@ import functools
 import gzip
 import hashlib
 import io
-import itertools
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from raydiff.config import SECRET_KEYS, DataConfig
+from raydiff.data.blocks import encode_fixed
 from raydiff.data.corpus import SPLITS, article_from_row, article_segments, split_of
 from raydiff.data.storage import (
     DataError,
@@ -51,7 +51,7 @@ from raydiff.data.storage import (
     local_files,
 )
 from raydiff.data.synthetic import synthetic_news
-from raydiff.data.tokenizer import PAD_ID, UNK_ID, train_word_tokenizer
+from raydiff.data.tokenizer import UNK_ID, train_word_tokenizer
 
 MANIFEST = "manifest.json"
 MAX_LINE_BYTES = 1 << 20  # a line over 1 MiB is not an article
@@ -223,16 +223,14 @@ def _plain(value):
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer_from_json(tokenizer_json: str, seq_len: int):
+def _tokenizer_from_json(tokenizer_json: str):
     # a Ray task holds one CPU: the tokenizer's own thread pool would take every core of the
     # node and fight the other tasks for them
-    if os.environ.get("RAY_WORKER_MODE") or _in_ray_worker():
+    if _in_ray_worker():
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    tokenizer.enable_truncation(seq_len)
-    return tokenizer
+    return Tokenizer.from_str(tokenizer_json)
 
 
 def _in_ray_worker() -> bool:
@@ -244,17 +242,6 @@ def _in_ray_worker() -> bool:
         return False
 
 
-def encode_fixed(tokenizer_json: str, texts: list[str], seq_len: int):
-    """(N, seq_len) int32 ids padded with PAD and the (N, seq_len) int8 attention mask."""
-    encodings = _tokenizer_from_json(tokenizer_json, seq_len).encode_batch(texts)
-    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(texts))
-    mask = np.arange(seq_len)[None, :] < lengths[:, None]  # (N, seq_len)
-    ids = np.full((len(texts), seq_len), PAD_ID, dtype=np.int32)
-    ids[mask] = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings),
-                            dtype=np.int32, count=int(lengths.sum()))  # row-major fill
-    return ids, mask.astype(np.int8)
-
-
 class TokenizeAndWrite:
     """Tokenize a block of unique segments and write one Parquet shard per split it holds,
     straight from the task (no extra pass); return one metadata row per shard. The tokenizer
@@ -264,7 +251,8 @@ class TokenizeAndWrite:
         self.tokenizer_json, self.seq_len, self.stage = tokenizer_json, seq_len, stage
 
     def __call__(self, batch: dict) -> dict:
-        ids, mask = encode_fixed(self.tokenizer_json, list(batch["segment"]), self.seq_len)
+        ids, mask = encode_fixed(_tokenizer_from_json(self.tokenizer_json),
+                                 list(batch["segment"]), self.seq_len)
         splits = np.asarray(batch["split"])
         rows: dict[str, list] = {k: [] for k in ("split", "shard", "segments", "tokens", "unk",
                                                  "pad")}
