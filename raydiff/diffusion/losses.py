@@ -55,9 +55,15 @@ def diffusion_losses(
     perturb_z0: bool = True,
     self_condition: bool = False,
     generator: torch.Generator | None = None,
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    use_self_cond: bool | None = None,
 ) -> LossTerms:
     """Loss terms for token ids (B, L) at timesteps t (B,); `model` is a `Denoiser` (or a DDP
-    wrapper of one: only its forward is called through the wrapper)."""
+    wrapper of one: only its forward is called through the wrapper).
+
+    Randomness comes from `generator`, or explicitly: `noise` = (eps0, eps), each (B, L, d), for
+    the z0 perturbation and the forward process, and `use_self_cond` for the self-conditioning
+    coin (distributed workers draw these for the global batch and take their slice)."""
     net = getattr(model, "module", model)
     device = input_ids.device
     clean = net.embed(input_ids)  # E[w]: (B, L, d)
@@ -65,12 +71,15 @@ def diffusion_losses(
     def randn_like(x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=generator, device="cpu").to(device, x.dtype)
 
-    z0 = perturb_embedding(schedule, clean, randn_like(clean)) if perturb_z0 else clean
-    z_t = q_sample(schedule, z0, t, randn_like(z0), noise_factor)
+    eps0, eps = noise if noise is not None else (randn_like(clean), randn_like(clean))
+    z0 = perturb_embedding(schedule, clean, eps0.to(device, clean.dtype)) if perturb_z0 else clean
+    z_t = q_sample(schedule, z0, t, eps.to(device, z0.dtype), noise_factor)
     model_t = schedule.model_time(t)
 
+    if use_self_cond is None:
+        use_self_cond = self_condition and torch.rand((), generator=generator).item() < 0.5
     self_cond = None
-    if self_condition and torch.rand((), generator=generator).item() < 0.5:
+    if self_condition and use_self_cond:
         with torch.no_grad():  # Strudel et al.: half the time, condition on a detached guess
             self_cond = model(z_t, model_t, attention_mask).detach()
     x0_hat = model(z_t, model_t, attention_mask, self_cond)  # (B, L, d)

@@ -48,7 +48,8 @@ class DiffusionEngine:
         self.schedule = NoiseSchedule.named(cfg.diffusion.schedule, cfg.diffusion.num_steps)
         self.timesteps = make_timestep_sampler(cfg.diffusion.timestep_sampling,
                                                cfg.diffusion.num_steps)
-        self.generator = torch.Generator().manual_seed(seed)  # timesteps and noise, per worker
+        # timesteps and noise: the same seed on every worker (see `train_step`)
+        self.generator = torch.Generator().manual_seed(seed)
 
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -63,19 +64,36 @@ class DiffusionEngine:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, batch: Batch, loss_weight: float = 1.0) -> dict[str, float]:
-        """One optimiser step on a (local) batch. `loss_weight` rescales this worker's mean loss
-        (Ray Train uses local_batch * world_size / global_batch for unequal local batches)."""
+    def train_step(self, batch: Batch, loss_weight: float = 1.0, global_batch: int | None = None,
+                   offset: int = 0) -> dict[str, float]:
+        """One optimiser step on this worker's (local) batch.
+
+        Distributed workers pass where their examples sit in the global batch (`global_batch`,
+        `offset`) and `loss_weight` = local_batch * world_size / global_batch: timesteps and
+        noise are drawn for the whole global batch from the generator all workers share, and
+        each uses its slice, so that with DDP's gradient averaging W workers (equal or unequal
+        local batches) take exactly the step one worker takes on the global batch.
+        """
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
-        t, weights = self.timesteps.sample(input_ids.shape[0], self.device, self.generator)
+        local, length = input_ids.shape
+        total = global_batch or local
+        t_all, weights_all = self.timesteps.sample(total, "cpu", self.generator)
+        noise_shape = (total, length, self.model.word_embedding.embedding_dim)
+        eps0 = torch.randn(noise_shape, generator=self.generator)
+        eps = torch.randn(noise_shape, generator=self.generator)
+        use_self_cond = (self.cfg.diffusion.self_condition
+                         and torch.rand((), generator=self.generator).item() < 0.5)
+        mine = slice(offset, offset + local)
+        t, weights = t_all[mine].to(self.device), weights_all[mine].to(self.device)
         self.train_model.train()
         with autocast(self.precision, self.device):
             terms = diffusion_losses(
                 self.train_model, self.schedule, input_ids, attention_mask, t,
                 loss=self.cfg.diffusion.loss, noise_factor=self.cfg.diffusion.noise_factor,
                 perturb_z0=self.cfg.diffusion.perturb_z0,
-                self_condition=self.cfg.diffusion.self_condition, generator=self.generator)
+                self_condition=self.cfg.diffusion.self_condition,
+                noise=(eps0[mine], eps[mine]), use_self_cond=use_self_cond)
         loss = (terms.total * weights).mean()
         loss_value = loss.item()
         if not math.isfinite(loss_value):

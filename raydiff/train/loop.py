@@ -31,14 +31,18 @@ class LoopResult:
 
 def train_loop(engine: DiffusionEngine, train_batches: Iterator[Batch],
                valid_batches: Callable[[], Iterable[Batch]], cfg: TrainConfig, reporter: Reporter,
-               *, is_chief: bool = True, loss_weight: float = 1.0) -> LoopResult:
+               *, is_chief: bool = True, loss_weight: float = 1.0,
+               global_batch: int | None = None, offset: int = 0) -> LoopResult:
+    """Train until `cfg.max_steps` (or early stopping). `loss_weight`, `global_batch` and
+    `offset` place this worker's batch in the global one (see `DiffusionEngine.train_step`)."""
     best, evals_since_best, stopped_early = math.inf, 0, False
     window: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
     metrics: dict[str, float] = {}
     while engine.step < cfg.max_steps:
         batch = next(train_batches)
-        step_metrics = engine.train_step(batch, loss_weight)  # raises on a NaN/inf loss
+        # raises on a NaN/inf loss
+        step_metrics = engine.train_step(batch, loss_weight, global_batch, offset)
         for k, v in step_metrics.items():
             window[k] = window.get(k, 0.0) + v
         window_steps += 1

@@ -94,8 +94,7 @@ def worker_loop(config: dict) -> None:
     if cfg.train.num_threads and device.type == "cpu":
         torch.set_num_threads(cfg.train.num_threads)
 
-    engine = DiffusionEngine(cfg, config["vocab_size"], device, precision,
-                             seed=cfg.train.seed + rank,
+    engine = DiffusionEngine(cfg, config["vocab_size"], device, precision, seed=cfg.train.seed,
                              wrap_model=ray.train.torch.prepare_model)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -112,7 +111,8 @@ def worker_loop(config: dict) -> None:
 
     tokenizer = load_tokenizer(config["tokenizer_dir"])
     reporter = RayReporter(cfg, Path(config["run_dir"]), tokenizer, rank, world_size)
-    train_loop(engine, train_batches, valid_batches, cfg.train, reporter, is_chief=rank == 0)
+    train_loop(engine, train_batches, valid_batches, cfg.train, reporter, is_chief=rank == 0,
+               global_batch=local_batch * world_size, offset=rank * local_batch)
 
 
 # ----------------------------------------------------------------------------- on the driver
