@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from raydiff.config import load_config
 from raydiff.diffusion import diffusion_losses
-from raydiff.train.engine import DiffusionEngine, NonFiniteLossError
+from raydiff.train.engine import DiffusionEngine
 from tests.conftest import ROOT
 
 GLOBAL_BATCH, SEQ_LEN, VOCAB, STEPS = 16, 16, 60, 4
@@ -108,29 +108,3 @@ def test_unweighted_unequal_batches_would_differ(tmp_path):
     assert any(not torch.allclose(a, r, atol=1e-6) for a, r in zip(averaged, ref, strict=True))
     for w, r in zip(weighted, ref, strict=True):
         torch.testing.assert_close(w, r, rtol=1e-4, atol=1e-6)
-
-
-def _poisoned(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    engine = DiffusionEngine(_cfg(), VOCAB, torch.device("cpu"), seed=0,
-                             wrap_model=DistributedDataParallel)
-    outcome = "finished"
-    try:
-        for step, batch in enumerate(_global_batches()):
-            mine = {k: v[rank * 8:(rank + 1) * 8] for k, v in batch.items()}
-            if step == 2 and rank == 1:
-                engine.model.time_embed[0].weight.data.fill_(float("nan"))  # only rank 1
-            engine.train_step(mine, global_batch=GLOBAL_BATCH, offset=rank * 8)
-    except NonFiniteLossError:
-        outcome = f"stopped at step {engine.step + 1}"
-    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
-        f.write(outcome)
-    dist.destroy_process_group()
-
-
-@pytest.mark.timeout(120)
-def test_nan_on_one_worker_stops_every_worker(tmp_path):
-    mp.spawn(_poisoned, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    outcomes = {(tmp_path / f"rank{r}").read_text() for r in range(2)}
-    assert outcomes == {"stopped at step 3"}  # both ranks, the same step, no hang

@@ -35,17 +35,6 @@ def linear_warmup_anneal(warmup_steps: int, anneal_steps: int) -> Callable[[int]
     return factor
 
 
-def _finite_everywhere(value: float) -> bool:
-    """Whether the loss is finite on every worker: one rank stopping alone would leave the
-    others waiting in the next all-reduce forever."""
-    finite = math.isfinite(value)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        flag = torch.tensor([0.0 if finite else 1.0])
-        torch.distributed.all_reduce(flag)
-        return flag.item() == 0.0
-    return finite
-
-
 class DiffusionEngine:
     def __init__(self, cfg: Config, vocab_size: int, device: torch.device, precision: str = "fp32",
                  seed: int = 0, wrap_model: Callable[[nn.Module], nn.Module] | None = None):
@@ -107,7 +96,7 @@ class DiffusionEngine:
                 noise=(eps0[mine], eps[mine]), use_self_cond=use_self_cond)
         loss = (terms.total * weights).mean()
         loss_value = loss.item()
-        if not _finite_everywhere(loss_value):
+        if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"step {self.step + 1}: loss is {loss_value}")
         self.timesteps.update(t, terms.total)
