@@ -23,7 +23,7 @@ from raydiff.data.text import clean_text, compile_boilerplate, pack_segments, se
 from raydiff.data.tokenizer import train_word_tokenizer
 
 SPLITS = ("train", "valid", "test")
-TEXT_SUFFIXES = (".txt",)
+TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
 
@@ -43,23 +43,29 @@ def _read_file(path: Path, cfg: DataConfig) -> Iterator[dict[str, str]]:
     name = path.name.lower()
     opener = gzip.open if name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-        if name.endswith(TEXT_SUFFIXES):  # plain text: one article per line
-            for i, line in enumerate(handle):
-                if line.strip():
-                    yield {"id": f"{path.name}:{i}", "text": line}
-            return
-        if not name.endswith(JSON_SUFFIXES):
+        if not name.endswith(TEXT_SUFFIXES + JSON_SUFFIXES):
             raise DataError(f"{path}: unsupported file type (use .txt, .jsonl or .jsonl.gz)")
         for i, line in enumerate(handle):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # counted and reported by the Ray Data pipeline; skipped here
-            article = article_from_row(row, cfg, f"{path.name}:{i}")
-            if article is not None:
-                yield article
+            if line.strip():
+                # bad lines are counted and reported by the Ray Data pipeline; skipped here
+                _, article = parse_line(path.name, i, line, cfg)
+                if article is not None:
+                    yield article
+
+
+def parse_line(file_name: str, lineno: int, line: str,
+               cfg: DataConfig) -> tuple[str, dict[str, str] | None]:
+    """One line of a text (one article per line) or JSON Lines file -> (status, article);
+    status is "ok", "malformed_json" or "empty_text", and the article is None unless "ok"."""
+    article_id = f"{file_name}:{lineno}"
+    if file_name.lower().endswith(TEXT_SUFFIXES):
+        return ("ok", {"id": article_id, "text": line}) if line.strip() else ("empty_text", None)
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return "malformed_json", None
+    article = article_from_row(row, cfg, article_id)
+    return ("ok", article) if article else ("empty_text", None)
 
 
 def article_from_row(row: object, cfg: DataConfig, fallback_id: str) -> dict[str, str] | None:

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from raydiff.config import SECRET_KEYS, DataConfig
 from raydiff.data.blocks import encode_fixed
-from raydiff.data.corpus import SPLITS, article_from_row, article_segments, split_of
+from raydiff.data.corpus import SPLITS, article_from_row, article_segments, parse_line, split_of
 from raydiff.data.storage import (
     DataError,
     Location,
@@ -176,15 +176,7 @@ class SegmentRecords:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             return "invalid_utf8", None
-        article_id = f"{os.path.basename(path)}:{lineno}"
-        if path.endswith((".txt", ".txt.gz")):
-            return ("ok", {"id": article_id, "text": line}) if line.strip() else ("empty_text", None)
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            return "malformed_json", None
-        article = article_from_row(row, self.cfg, article_id)
-        return ("ok", article) if article else ("empty_text", None)
+        return parse_line(os.path.basename(path), lineno, line, self.cfg)
 
     def _records(self, batch: dict):
         if self.file_index is not None:  # lines of files
