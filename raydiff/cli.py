@@ -7,6 +7,7 @@ import logging
 import sys
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from raydiff.config import ConfigError, apply_overrides, load_config
@@ -32,9 +33,13 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.address:
         cfg = apply_overrides(cfg, {"ray.address": args.address})
+    kind = args.kind
+    if kind == "reference" and not cfg.train.run_name.endswith("-reference"):
+        # beside the diffusion run it serves, never on top of it
+        cfg = apply_overrides(cfg, {"train.run_name": f"{cfg.train.run_name}-reference"})
     try:
         if args.no_ray:
-            run = train_local(cfg, console=console)
+            run = train_local(cfg, console=console, kind=kind)
             metrics, steps = run.result.last_metrics, run.result.step
         else:
             from raydiff.train.trainer import train_on_ray
@@ -42,7 +47,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             _quiet_ray_logs()
             with console.status(f"training {cfg.train.run_name} on Ray "
                                 f"({cfg.ray.num_workers} workers)"):
-                run = train_on_ray(cfg)
+                run = train_on_ray(cfg, kind=kind)
             metrics, steps = run.metrics, int(run.metrics.get("step", 0))
     except NonFiniteLossError as e:
         last = latest_checkpoint(run_directory(cfg))
@@ -52,7 +57,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     table = Table(title=f"run {cfg.train.run_name}", show_header=False)
     table.add_row("run directory", str(run.run_dir))
     table.add_row("steps", str(steps))
-    for key in ("best_val_loss", "val_mse", "val_token_accuracy", "emb_norm_mean",
+    for key in ("best_val_loss", "val_mse", "val_token_accuracy", "val_ppl", "emb_norm_mean",
                 "tokens_per_s"):
         if key in metrics:
             table.add_row(key, f"{metrics[key]:.4f}")
@@ -93,6 +98,114 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampler (default: the checkpoint's diffusion.* settings)")
+    group.add_argument("--sampler", choices=("ddpm", "ddim"))
+    group.add_argument("--steps", type=int, help="DDIM steps (DDPM always takes all T)")
+    group.add_argument("--eta", type=float, help="DDIM eta in [0, 1]")
+    group.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
+                       help="clamp x0hat to the nearest embedding at every step")
+    group.add_argument("--no-ema", action="store_true", help="use the raw, not the EMA, weights")
+
+
+def _sampler_overrides(args: argparse.Namespace) -> dict:
+    return {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "clamp": args.clamp}
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+def cmd_sample(args: argparse.Namespace, console: Console) -> int:
+    from raydiff.eval.generate import SamplerSettings, generate, write_samples
+    from raydiff.eval.loading import load_diffusion
+
+    loaded = load_diffusion(args.checkpoint, use_ema=not args.no_ema)
+    settings = SamplerSettings.of(loaded.cfg.diffusion, **_sampler_overrides(args))
+    steps = settings.model_calls(loaded.schedule.num_steps)
+    with _progress(console) as progress:
+        task = progress.add_task(f"{settings.sampler} {steps} steps", total=args.num_samples)
+        samples = generate(loaded, args.num_samples, settings, seed=args.seed,
+                           batch_size=args.batch_size,
+                           on_batch=lambda n: progress.advance(task, n))
+    if args.out:
+        write_samples(args.out, samples, settings, loaded, args.seed)
+    table = Table(title=f"{len(samples)} samples from {loaded.path} (step {loaded.step}, "
+                        f"{settings.sampler}, {steps} steps)", show_lines=False)
+    table.add_column("#", justify="right")
+    table.add_column("text")
+    for i, s in enumerate(samples[:args.show]):
+        table.add_row(str(i), s.text)
+    Console().print(table)
+    if args.out:
+        console.print(f"written to {args.out}")
+    return 0
+
+
+def _add_sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the samples as JSONL")
+    p.add_argument("--show", type=int, default=20, help="samples printed (default 20)")
+    _add_sampler_args(p)
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from raydiff.eval.evaluate import EvalOptions, evaluate
+    from raydiff.eval.report import metrics_tables, write_json
+
+    options = EvalOptions(
+        split=args.split, max_examples=args.max_examples, num_samples=args.num_samples,
+        sampler=_sampler_overrides(args), seed=args.seed, use_ema=not args.no_ema,
+        reference=args.reference, batch_size=args.batch_size, use_ray=args.ray,
+        ray_min_examples=args.ray_min_examples)
+    _quiet_ray_logs()
+    with _progress(console) as progress:
+        tasks: dict[str, object] = {}
+
+        def report(stage: str, advance: int, total: int | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.advance(tasks[stage], advance)
+
+        metrics = evaluate(args.checkpoint, args.data, options, progress=report)
+    if args.out:
+        write_json(args.out, metrics)
+    for table in metrics_tables(metrics):
+        Console().print(table)
+    if args.out:
+        console.print(f"written to {args.out}")
+    return 0
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score a checkpoint on held-out data and its samples")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    p.add_argument("--data", required=True,
+                   help="a prepared directory, or raw data: files (local or s3://), a hub id, "
+                        "or 'synthetic'")
+    p.add_argument("--reference", help="reference LM checkpoint (raydiff train-reference); "
+                                       "without it gen_ppl and ref_ppl_real are null")
+    p.add_argument("--split", default="auto",
+                   choices=("auto", "train", "valid", "test", "all"),
+                   help="auto: test of a prepared directory, all of raw data")
+    p.add_argument("--max-examples", type=int, help="score only the first N blocks")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray", choices=("auto", "on", "off"), default="auto",
+                   help="score with Ray Data batch inference (auto: from --ray-min-examples)")
+    p.add_argument("--ray-min-examples", type=int, default=20_000)
+    p.add_argument("--out", help="write the metrics as JSON")
+    _add_sampler_args(p)
+    p.set_defaults(func=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,7 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
     train.add_argument("--no-ray", action="store_true",
                        help="train in this one process, without Ray")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, kind="diffusion")
+    reference = sub.add_parser(
+        "train-reference", help="train the reference causal LM (GPT-2 architecture) that "
+                                "`raydiff eval` scores samples with; run name <run_name>-reference")
+    _add_config_args(reference)
+    reference.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    reference.add_argument("--no-ray", action="store_true",
+                           help="train in this one process, without Ray")
+    reference.set_defaults(func=cmd_train, kind="reference")
+    _add_sample_parser(sub)
+    _add_eval_parser(sub)
     prep = sub.add_parser("prepare", help="clean, segment and tokenize a corpus with Ray Data")
     _add_config_args(prep)
     prep.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")

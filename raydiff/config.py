@@ -1,7 +1,7 @@
 """The typed config tree: YAML files in `configs/`, dotted `key=value` overrides, validation.
 
-One `Config` holds a section per component (model, diffusion, data, optim, train, ray, tune);
-each component takes its own section. Every value is checked against its type and bounds when
+One `Config` holds a section per component (model, diffusion, data, optim, train, ray, tune,
+reference); each component takes its own section. Every value is checked against its type and bounds when
 the tree is built, and every problem is a one-line `ConfigError` naming the offending key.
 """
 
@@ -153,6 +153,17 @@ class RayConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """The reference autoregressive LM that scores generated text (GPT-2 architecture from
+    `transformers`, trained from scratch on the same data and tokenizer)."""
+
+    hidden_size: int = _field(256, ge=1)
+    num_layers: int = _field(4, ge=1)
+    num_heads: int = _field(4, ge=1)
+    dropout: float = _field(0.1, ge=0.0, le=1.0)
+
+
+@dataclass
 class TuneConfig:
     """The Ray Tune ablation."""
 
@@ -175,6 +186,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
         """The tree as plain dicts; `redact` blanks credentials (for anything written out)."""
@@ -345,6 +357,11 @@ def _check_consistency(cfg: Config, origin: str) -> None:
         raise ConfigError(
             f"{origin}: model.num_heads={m.num_heads} must divide "
             f"model.hidden_size={m.hidden_size}")
+    r = cfg.reference
+    if r.hidden_size % r.num_heads:
+        raise ConfigError(
+            f"{origin}: reference.num_heads={r.num_heads} must divide "
+            f"reference.hidden_size={r.hidden_size}")
     if cfg.data.min_words > cfg.data.max_words:
         raise ConfigError(
             f"{origin}: data.min_words={cfg.data.min_words} exceeds "

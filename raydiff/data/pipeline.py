@@ -77,7 +77,7 @@ def resolve_source(cfg: DataConfig) -> Source:
     src = cfg.source
     if src == "synthetic":
         return Source("synthetic", "synthetic", [], None, [])
-    if _looks_like_files(src):
+    if looks_like_files(src):
         files, location = list_source_files(src, cfg)
         name = Path(src.rstrip("/*")).name.split(".")[0] or "corpus"
         return Source("files", name, files, location,
@@ -93,7 +93,7 @@ def resolve_source(cfg: DataConfig) -> Source:
 FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".txt", ".parquet")
 
 
-def _looks_like_files(source: str) -> bool:
+def looks_like_files(source: str) -> bool:
     """s3 URIs, existing paths, globs, and anything path-like (absolute, ./ ~/, a data file
     suffix) are files; what is left is a hub id such as `cc_news` or `org/name`."""
     return (is_s3(source) or Path(source).expanduser().exists()
@@ -325,6 +325,26 @@ def _records(cfg: DataConfig, source: Source, parallelism: int):
         rows = ray.data.from_items([dict(a, _row=i) for i, a in enumerate(
             synthetic_news(cfg.synthetic_size, cfg.seed))])
     return rows.map_batches(SegmentRecords(cfg, id_prefix=source.name), batch_size=None)
+
+
+def read_segments(cfg: DataConfig) -> dict[str, list[str]]:
+    """Pass 1 alone, for any source (files local or s3, hub, synthetic): the cleaned segments of
+    each split, in input order (evaluation tokenizes them with a checkpoint's own tokenizer)."""
+    import ray
+
+    parallelism = max(1, int(ray.available_resources().get("CPU", 1)))
+    blocks = ray.get(_records(cfg, resolve_source(cfg), parallelism).to_arrow_refs())
+    records = pa.concat_tables([b.cast(SegmentRecords.SCHEMA) for b in blocks if b.num_rows]
+                               or [SegmentRecords.SCHEMA.empty_table()]).sort_by("order")
+    records = records.filter(pa.compute.equal(records["status"], "ok"))
+    if cfg.max_articles is not None:
+        records = records.slice(0, cfg.max_articles)
+    split_of_rank = {rank: split for split, rank in SegmentRecords.RANK_OF_SPLIT.items()}
+    out: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for rank, segs in zip(records["rank"].to_pylist(), records["segments"].to_pylist(),
+                          strict=True):
+        out[split_of_rank[rank]] += segs
+    return out
 
 
 def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:

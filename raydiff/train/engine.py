@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from raydiff.config import Config
+from raydiff.config import Config, OptimConfig
 from raydiff.diffusion import NoiseSchedule, diffusion_losses, make_timestep_sampler
 from raydiff.model import Denoiser
 from raydiff.train.ema import EMA
@@ -35,7 +35,18 @@ def linear_warmup_anneal(warmup_steps: int, anneal_steps: int) -> Callable[[int]
     return factor
 
 
+def build_optimizer(model: nn.Module, o: OptimConfig):
+    """AdamW (one fused kernel for all parameters) and its warm-up + annealing LR schedule."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps, weight_decay=o.weight_decay, fused=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, linear_warmup_anneal(o.warmup_steps, o.anneal_steps))
+    return optimizer, schedule
+
+
 class DiffusionEngine:
+    kind = "diffusion"  # stored in its checkpoints' state
+
     def __init__(self, cfg: Config, vocab_size: int, device: torch.device, precision: str = "fp32",
                  seed: int = 0, wrap_model: Callable[[nn.Module], nn.Module] | None = None):
         self.cfg, self.device, self.precision = cfg, device, precision
@@ -51,12 +62,7 @@ class DiffusionEngine:
         # timesteps and noise: the same seed on every worker (see `train_step`)
         self.generator = torch.Generator().manual_seed(seed)
 
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-            weight_decay=o.weight_decay, fused=True)  # one fused kernel for all parameters
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, linear_warmup_anneal(o.warmup_steps, o.anneal_steps))
+        self.optimizer, self.lr_schedule = build_optimizer(self.model, cfg.optim)
         # fp16 needs loss scaling; the same initial scale on every worker keeps the
         # all-reduced gradients on one scale
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -167,7 +173,7 @@ class DiffusionEngine:
 
     def state_dict(self) -> dict:
         return {
-            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "kind": self.kind, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict(), "timesteps": self.timesteps.state_dict(),
             "generator": self.generator.get_state(), "step": self.step,

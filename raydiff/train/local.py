@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from raydiff.config import Config
 from raydiff.data.corpus import build_corpus, chunk_batches, iterate_batches
 from raydiff.train.checkpoint import latest_checkpoint, save_checkpoint
-from raydiff.train.engine import DiffusionEngine
+from raydiff.train.kinds import ENGINES
 from raydiff.train.loop import LoopResult, train_loop
 from raydiff.train.precision import resolve_precision
 
@@ -47,11 +47,11 @@ class RunDirectoryReporter:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.progress is not None:
-            val = f" val_mse {metrics['val_mse']:.4f}" if "val_mse" in metrics else ""
+            shown = [f"{k} {metrics[k]:.4f}" for k in ("loss", "mse", "val_loss", "val_mse")
+                     if k in metrics]
             self.progress.update(
                 self.task, completed=metrics["step"],
-                info=f"loss {metrics['loss']:.4f} mse {metrics['mse']:.4f}{val} "
-                     f"{metrics['tokens_per_s']:.0f} tok/s")
+                info=" ".join(shown) + f" {metrics['tokens_per_s']:.0f} tok/s")
 
 
 @dataclass
@@ -66,8 +66,9 @@ def run_directory(cfg: Config) -> Path:
     return Path(cfg.train.output_dir).resolve() / cfg.train.run_name
 
 
-def train_local(cfg: Config, console: Console | None = None) -> LocalRun:
-    """Train `cfg` in this process; `console=None` shows no progress."""
+def train_local(cfg: Config, console: Console | None = None, kind: str = "diffusion") -> LocalRun:
+    """Train `cfg` in this process; `console=None` shows no progress. `kind` picks the model
+    (see `raydiff.train.kinds`)."""
     device = pick_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.num_threads:
@@ -77,8 +78,8 @@ def train_local(cfg: Config, console: Console | None = None) -> LocalRun:
     cfg.save(run_dir / "config.yaml")
 
     corpus = build_corpus(cfg.data)
-    engine = DiffusionEngine(cfg, vocab_size=len(corpus.tokenizer), device=device,
-                             precision=precision, seed=cfg.train.seed)
+    engine = ENGINES[kind](cfg, vocab_size=len(corpus.tokenizer), device=device,
+                           precision=precision, seed=cfg.train.seed)
     resume_from = latest_checkpoint(run_dir)
     if resume_from is not None:
         engine.load_state_dict(torch.load(resume_from / "state.pt", weights_only=False))

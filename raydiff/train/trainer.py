@@ -27,7 +27,7 @@ from raydiff.data.corpus import chunk_batches
 from raydiff.data.pipeline import open_prepared, prepare, read_split_blocks, training_datasets
 from raydiff.data.tokenizer import load_tokenizer
 from raydiff.train.checkpoint import STATE_FILE, latest_checkpoint, write_checkpoint_files
-from raydiff.train.engine import DiffusionEngine
+from raydiff.train.kinds import ENGINES
 from raydiff.train.loop import LoopResult, train_loop
 from raydiff.train.precision import resolve_precision
 
@@ -94,8 +94,8 @@ def worker_loop(config: dict) -> None:
     if cfg.train.num_threads and device.type == "cpu":
         torch.set_num_threads(cfg.train.num_threads)
 
-    engine = DiffusionEngine(cfg, config["vocab_size"], device, precision, seed=cfg.train.seed,
-                             wrap_model=ray.train.torch.prepare_model)
+    engine = ENGINES[config["kind"]](cfg, config["vocab_size"], device, precision,
+                                     seed=cfg.train.seed, wrap_model=ray.train.torch.prepare_model)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -153,8 +153,9 @@ def check_resources(cfg: Config) -> None:
                          f"cluster has {total.get('GPU', 0):g} GPUs")
 
 
-def train_on_ray(cfg: Config) -> RayRun:
-    """Prepare the data if needed, then fit a TorchTrainer; returns where things are."""
+def train_on_ray(cfg: Config, kind: str = "diffusion") -> RayRun:
+    """Prepare the data if needed, then fit a TorchTrainer of `kind` (see
+    `raydiff.train.kinds`); returns where things are."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -173,7 +174,7 @@ def train_on_ray(cfg: Config) -> RayRun:
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
-            "cfg": cfg.to_dict(), "vocab_size": manifest["vocab_size"],
+            "cfg": cfg.to_dict(), "kind": kind, "vocab_size": manifest["vocab_size"],
             "data_path": prepared.path, "tokenizer_dir": f"{prepared.path}/tokenizer",
             "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(

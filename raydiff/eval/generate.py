@@ -1,0 +1,92 @@
+"""Batched generation from a trained denoiser: token ids -> words and text, with progress."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from raydiff.config import DiffusionConfig
+from raydiff.data.tokenizer import PAD_ID
+from raydiff.diffusion import sample
+from raydiff.eval.loading import LoadedDiffusion
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    sampler: Literal["ddpm", "ddim"]
+    steps: int  # ddim: sub-sequence length; ddpm always visits all T
+    eta: float
+    clamp: bool
+
+    @classmethod
+    def of(cls, cfg: DiffusionConfig, **overrides) -> SamplerSettings:
+        """The checkpoint's own sampler settings, with any non-None override applied."""
+        values = {"sampler": cfg.sampler, "steps": cfg.sample_steps, "eta": cfg.eta,
+                  "clamp": cfg.clamp}
+        values |= {k: v for k, v in overrides.items() if v is not None}
+        if values["sampler"] not in ("ddpm", "ddim"):
+            raise ValueError(f"--sampler must be ddpm or ddim, got {values['sampler']!r}")
+        if not 0.0 <= values["eta"] <= 1.0:
+            raise ValueError(f"--eta must be in [0, 1], got {values['eta']}")
+        if values["steps"] < 1:
+            raise ValueError(f"--steps must be >= 1, got {values['steps']}")
+        return cls(**values)
+
+    def model_calls(self, num_steps: int) -> int:
+        return num_steps if self.sampler == "ddpm" else min(self.steps, num_steps)
+
+
+@dataclass
+class GeneratedSample:
+    token_ids: list[int]  # PAD positions removed
+    words: str  # the tokens joined by spaces: what the text metrics read
+    text: str  # decoded for people
+
+
+def generate(loaded: LoadedDiffusion, num_samples: int, settings: SamplerSettings, *,
+             seed: int = 0, batch_size: int = 64,
+             on_batch: Callable[[int], None] | None = None,
+             device: torch.device | str = "cpu") -> list[GeneratedSample]:
+    """`num_samples` sequences of the checkpoint's length. The same (seed, batch_size) gives
+    the same samples. `on_batch(n)` is called after each batch of n."""
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    cfg, tokenizer = loaded.cfg, loaded.tokenizer
+    generator = torch.Generator().manual_seed(seed)
+    samples: list[GeneratedSample] = []
+    while len(samples) < num_samples:
+        size = min(batch_size, num_samples - len(samples))
+        out = sample(loaded.model, loaded.schedule,
+                     (size, cfg.data.seq_len, cfg.model.embed_dim),
+                     sampler=settings.sampler, sample_steps=settings.steps, eta=settings.eta,
+                     clamp=settings.clamp, noise_factor=cfg.diffusion.noise_factor,
+                     self_condition=cfg.diffusion.self_condition, generator=generator,
+                     device=device)
+        for row in out.tokens.tolist():  # (size, L)
+            ids = [i for i in row if i != PAD_ID]
+            samples.append(GeneratedSample(
+                ids, " ".join(tokenizer.convert_ids_to_tokens(ids)), tokenizer.decode(ids)))
+        if on_batch is not None:
+            on_batch(size)
+    return samples
+
+
+def write_samples(path: str | Path, samples: list[GeneratedSample], settings: SamplerSettings,
+                  loaded: LoadedDiffusion, seed: int) -> None:
+    """One JSON object per sample, written to a sibling file and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    common = {"checkpoint": str(loaded.path), "step": loaded.step, "seed": seed,
+              "sampler": settings.sampler, "steps": settings.model_calls(
+                  loaded.schedule.num_steps), "eta": settings.eta, "clamp": settings.clamp}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for i, s in enumerate(samples):
+            f.write(json.dumps({"index": i, "text": s.text, "num_tokens": len(s.token_ids),
+                                "token_ids": s.token_ids} | common) + "\n")
+    tmp.replace(path)

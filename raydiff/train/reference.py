@@ -1,0 +1,96 @@
+"""The reference LM's training engine: the same contract as `DiffusionEngine` (`train_step`,
+`evaluate`, `state_dict`, `step`), so the same loop, local runner and Ray Train worker drive it.
+
+No Ray here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from raydiff.config import Config
+from raydiff.model.reference_lm import build_reference_lm, causal_lm_loss
+from raydiff.train.engine import Batch, NonFiniteLossError, build_optimizer
+from raydiff.train.precision import autocast
+
+REFERENCE_KIND = "reference_lm"  # stored in its checkpoints' state
+
+
+class ReferenceEngine:
+    kind = REFERENCE_KIND
+
+    def __init__(self, cfg: Config, vocab_size: int, device: torch.device, precision: str = "fp32",
+                 seed: int = 0, wrap_model: Callable[[nn.Module], nn.Module] | None = None):
+        self.cfg, self.device, self.precision = cfg, device, precision
+        with torch.random.fork_rng(devices=[]):  # identical initial weights on every worker
+            torch.manual_seed(cfg.train.seed)
+            self.model = build_reference_lm(cfg.reference, vocab_size, cfg.data.seq_len).to(device)
+        self.train_model = wrap_model(self.model) if wrap_model else self.model
+        self.optimizer, self.lr_schedule = build_optimizer(self.model, cfg.optim)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.step = 0
+
+    def train_step(self, batch: Batch, loss_weight: float = 1.0, global_batch: int | None = None,
+                   offset: int = 0) -> dict[str, float]:
+        """One optimiser step: mean NLL per predicted token of this worker's batch, scaled by
+        `loss_weight` (see `DiffusionEngine.train_step`)."""
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        self.train_model.train()
+        with autocast(self.precision, self.device):
+            nll, count = causal_lm_loss(self.train_model, input_ids, attention_mask)
+        loss = nll.sum() / count.sum().clamp(min=1)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"step {self.step + 1}: loss is {loss_value}")
+        self.scaler.scale(loss * loss_weight).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.cfg.optim.grad_clip or math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_schedule.get_last_lr()[0]
+        self.lr_schedule.step()
+        self.step += 1
+        return {"loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr,
+                "tokens": attention_mask.sum().item()}
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch], use_ema: bool = True,
+                 seed: int = 1234) -> dict[str, float]:
+        """Validation NLL per predicted token and perplexity (`use_ema`, `seed`: unused, the
+        reference LM keeps no EMA and evaluation draws nothing)."""
+        self.model.eval()
+        total_nll, total_tokens = 0.0, 0
+        for batch in batches:
+            nll, count = causal_lm_loss(self.model, batch["input_ids"].to(self.device),
+                                        batch["attention_mask"].to(self.device))
+            total_nll += nll.sum().item()
+            total_tokens += int(count.sum().item())
+        self.model.train()
+        if total_tokens == 0:
+            raise ValueError("evaluation got no tokens: is the validation split empty?")
+        val_loss = total_nll / total_tokens
+        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": self.kind, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict(), "step": self.step,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
