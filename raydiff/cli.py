@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from raydiff.cluster import ClusterError
 from raydiff.config import ConfigError, apply_overrides, load_config
 
 
@@ -206,6 +207,64 @@ def _add_eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def cmd_tune(args: argparse.Namespace, console: Console) -> int:
+    from raydiff.tune.ablation import run_ablation
+    from raydiff.tune.results import finish, table1, trials_table, yardstick_table
+
+    if args.resume and (args.config or args.overrides):
+        raise ConfigError("--resume continues an experiment with its saved config; "
+                          "drop --config and overrides")
+    cfg = None if args.resume else load_config(args.config, args.overrides)
+    if cfg is not None and args.address:
+        cfg = apply_overrides(cfg, {"ray.address": args.address})
+    _quiet_ray_logs()
+    experiment = run_ablation(cfg, resume=args.resume, verbose=1 if console.is_terminal else 0)
+    if experiment.interrupted:
+        console.print(f"interrupted; continue with: raydiff tune --resume {experiment.path}",
+                      soft_wrap=True)
+        return 130
+    with console.status("collecting results"):
+        summary = finish(experiment)
+    out = Console()
+    out.print(trials_table(summary["rows"], experiment.cfg.tune.metric))
+    for table in table1(summary["rows"], experiment.cfg):
+        out.print(table)
+    if summary["yardsticks"]:
+        out.print(yardstick_table(summary["yardsticks"]))
+    console.print(f"experiment: {experiment.path}\nresults: {experiment.path / 'results.csv'}"
+                  f"\nconvergence plot: {summary['plot']}\nbest checkpoint: "
+                  f"{summary['best_checkpoint']}", soft_wrap=True)
+    return 0
+
+
+def cmd_cluster_check(args: argparse.Namespace, console: Console) -> int:
+    from raydiff.cluster import check_request, load_cluster_file
+
+    cluster = load_cluster_file(args.targets[0])
+    cfg = load_config(args.config, args.targets[1:])
+    fit = check_request(cfg, cluster)
+    table = Table(title=f"{cluster.path} ({cluster.kind}): valid")
+    for column in ("node type", "resources", "max nodes", "workers that fit"):
+        table.add_column(column)
+    for t in cluster.node_types or []:
+        table.add_row(t.name, ", ".join(f"{k}={v:g}" for k, v in t.resources.items()),
+                      str(t.max_count), str(fit["per_node_type"].get(t.name, "")))
+    Console().print(table)
+    if cluster.node_types is None:
+        console.print("node types are not declared in this file (local provider): resources "
+                      "are checked against the running cluster with --address")
+    if args.address:
+        from raydiff.train.trainer import check_resources, start_ray
+
+        start_ray(args.address)
+        check_resources(cfg)
+        console.print(f"the running cluster at {args.address} fits the request")
+    console.print(f"ok: ray.num_workers={cfg.ray.num_workers} workers fit "
+                  f"({fit['workers_that_fit'] if fit['workers_that_fit'] is not None else '?'} "
+                  f"at most)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--no-ray", action="store_true",
                            help="train in this one process, without Ray")
     reference.set_defaults(func=cmd_train, kind="reference")
+    tune = sub.add_parser("tune", help="sweep config keys with Ray Tune (the noise-schedule x "
+                                       "loss ablation), ASHA early stopping")
+    _add_config_args(tune)
+    tune.add_argument("--resume", metavar="DIR", help="continue an interrupted experiment")
+    tune.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    tune.set_defaults(func=cmd_tune)
+    cluster = sub.add_parser("cluster", help="cluster files: validate, check a config fits")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    check = cluster_sub.add_parser(
+        "check", help="validate a cluster YAML (Ray's schema, or a KubeRay RayCluster) and "
+                      "check that a training config's requests fit its node types")
+    check.add_argument("--config", help="training config whose requests must fit")
+    check.add_argument("targets", nargs="+", metavar="FILE [key=value ...]",
+                       help="the cluster YAML, then dotted overrides of the config")
+    check.add_argument("--address", help="also check against this running cluster")
+    check.set_defaults(func=cmd_cluster_check)
     _add_sample_parser(sub)
     _add_eval_parser(sub)
     prep = sub.add_parser("prepare", help="clean, segment and tokenize a corpus with Ray Data")
@@ -234,12 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; user errors print one line and return 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes no positionals after an option once a positional list has started
+    # (`cluster check FILE --config C key=value`): hand such overrides to that list
+    if extra and hasattr(args, "targets") and all("=" in e for e in extra):
+        args.targets += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console = Console(stderr=True)
     try:
         return args.func(args, console)
     except ConfigError as e:
         console.print(f"[red]config error:[/red] {e}", soft_wrap=True)
+    except ClusterError as e:
+        console.print(f"[red]cluster error:[/red] {e}", soft_wrap=True)
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
         console.print(f"[red]error:[/red] {e}", soft_wrap=True)
     return 2

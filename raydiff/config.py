@@ -147,6 +147,10 @@ class RayConfig:
     num_workers: int = _field(1, ge=0)
     use_gpu: bool = False
     cpus_per_worker: float = _field(1.0, gt=0.0)
+    # GPU model the workers need (Ray's accelerator_type:<T>, e.g. A100, A10G, T4); use_gpu only
+    accelerator_type: str | None = None
+    # custom resources each worker holds, e.g. {"raydiff_slot": 1}; node types advertise them
+    worker_resources: dict = _field({})
     storage_path: str | None = None  # where runs and checkpoints go; default train.output_dir
     max_failures: int = _field(0, ge=0)  # worker-group restarts from the latest checkpoint
     checkpoints_to_keep: int = _field(3, ge=1)
@@ -165,16 +169,22 @@ class ReferenceConfig:
 
 @dataclass
 class TuneConfig:
-    """The Ray Tune ablation."""
+    """The Ray Tune ablation (`raydiff tune`): a search space over any dotted config key, each
+    trial a Ray Train run of `ray.num_workers` workers, ASHA or FIFO early stopping."""
 
-    output_dir: str = "tune_runs"
-    metric: str = "val_mse"
+    output_dir: str = "tune_runs"  # experiments go to <output_dir>/<train.run_name>
+    metric: str = "val_mse"  # what ASHA and "best" read (reported at every evaluation)
     mode: Literal["min", "max"] = "min"
-    scheduler: Literal["asha", "fifo"] = "asha"
-    grace_period: int = _field(2, ge=1)
+    scheduler: Literal["asha", "fifo"] = "asha"  # fifo: per-trial train.patience instead
+    grace_period: int = _field(500, ge=1)  # ASHA: steps before a trial can be stopped
     reduction_factor: float = _field(2.0, gt=1.0)
-    num_samples: int = _field(1, ge=1)
-    search_space: dict = _field({})
+    num_samples: int = _field(1, ge=1)  # repeats of the grid (random keys re-drawn each time)
+    max_concurrent_trials: int | None = _field(None, ge=1)  # None: as many as the CPUs/GPUs fit
+    # "steps to reach": the first evaluation with val_token_accuracy >= this ...
+    accuracy_threshold: float = _field(0.5, ge=0.0, le=1.0)
+    # ... and with `metric` at or past this (None: not reported)
+    metric_threshold: float | None = None
+    search_space: dict = _field({})  # dotted key -> {grid|choice: [...]} or {uniform|...: [lo, hi]}
 
 
 @dataclass
@@ -357,6 +367,13 @@ def _check_consistency(cfg: Config, origin: str) -> None:
         raise ConfigError(
             f"{origin}: model.num_heads={m.num_heads} must divide "
             f"model.hidden_size={m.hidden_size}")
+    if cfg.ray.accelerator_type and not cfg.ray.use_gpu:
+        raise ConfigError(f"{origin}: ray.accelerator_type={cfg.ray.accelerator_type} needs "
+                          f"ray.use_gpu=true")
+    for name, amount in cfg.ray.worker_resources.items():
+        if not isinstance(amount, int | float) or isinstance(amount, bool) or amount <= 0:
+            raise ConfigError(f"{origin}: ray.worker_resources.{name} must be a positive "
+                              f"number, got {amount!r}")
     r = cfg.reference
     if r.hidden_size % r.num_heads:
         raise ConfigError(

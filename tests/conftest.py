@@ -41,8 +41,12 @@ def ray_session():
     import ray
     from ray.data import DataContext
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=300 * 1024**2)
+    from raydiff.train.trainer import TRIAL_DRIVER_RESOURCE
+
+    # the dashboard serves the State API that Ray Train's placement-group cleaner needs
+    # (see raydiff.train.trainer.start_ray); Tune trials rely on it to free stopped workers
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
+             object_store_memory=300 * 1024**2, resources={TRIAL_DRIVER_RESOURCE: 100})
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

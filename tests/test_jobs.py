@@ -40,19 +40,28 @@ def _our_processes(marker: str) -> list[int]:
     return pids
 
 
-@pytest.fixture
-def ray_head():
+def _start_cluster(worker_node: bool):
+    """A head (2 CPUs) and optionally a second node (1 CPU) on 127.0.0.1, each advertising one
+    `raydiff_slot`, every process in its own session so that it can be killed by group."""
     temp_dir = tempfile.mkdtemp(prefix="rdj", dir="/tmp")  # short: Ray's socket paths are capped
     gcs_port, dashboard_port = _free_port(), _free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    head = subprocess.Popen(
+    nodes = [subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
+         '--resources={"raydiff_slot": 1}'],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    return temp_dir, gcs_port, dashboard_port, env, nodes
+
+
+@pytest.fixture(params=[False], ids=["head"])
+def ray_head(request):
+    temp_dir, gcs_port, dashboard_port, env, nodes = _start_cluster(request.param)
+    head = nodes[0]
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # slow when the host is busy
         while True:
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
@@ -61,17 +70,40 @@ def ray_head():
                 if time.monotonic() > deadline or head.poll() is not None:
                     raise RuntimeError("the Ray head did not come up") from None
                 time.sleep(1)
+        if request.param:  # a second node with its own slot, joining the head
+            nodes.append(subprocess.Popen(
+                [RAY, "start", "--block", f"--address=127.0.0.1:{gcs_port}",
+                 "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                 '--resources={"raydiff_slot": 1}'],
+                env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+            deadline = time.monotonic() + 90
+            while _alive_nodes(address) < 2:
+                if time.monotonic() > deadline or nodes[1].poll() is not None:
+                    raise RuntimeError("the second Ray node did not join")
+                time.sleep(1)
         yield {"address": address, "env": env}
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        for pid in _our_processes(temp_dir):  # anything that left the process group
+        for node in reversed(nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+        # anything that left the process groups: it names the temp dir or the GCS address
+        for pid in _our_processes(temp_dir) + _our_processes(f"127.0.0.1:{gcs_port}"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _alive_nodes(address: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{address}/nodes?view=summary", timeout=5) as r:
+            summary = json.loads(r.read())["data"]["summary"]
+        return sum(1 for n in summary if n["raylet"]["state"] == "ALIVE")
+    except (OSError, KeyError, ValueError):
+        return 0
 
 
 @pytest.mark.timeout(420)
@@ -88,3 +120,23 @@ def test_job_submit_trains_and_checkpoints(ray_head, tmp_path):
     assert (out / "smoke" / "step_00000020" / "state.pt").exists()
     steps = [json.loads(line)["step"] for line in (out / "smoke" / "metrics.jsonl").open()]
     assert steps == [10, 20]
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("ray_head", [True], ids=["two-nodes"], indirect=True)
+def test_job_submit_spreads_workers_over_two_nodes(ray_head, tmp_path):
+    """Each node advertises one raydiff_slot and each worker asks for one: the two DDP workers
+    can only run one per node."""
+    out, data = tmp_path / "runs", tmp_path / "data"
+    proc = subprocess.run(
+        [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", str(ROOT),
+         "--", "python", "-m", "raydiff.train", "--config", "configs/smoke.yaml",
+         f"train.output_dir={out}", f"data.out_dir={data}", "train.max_steps=10",
+         "train.eval_every=10", "train.checkpoint_every=10", "train.log_every=10",
+         "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.worker_resources.raydiff_slot=1"],
+        env=ray_head["env"], capture_output=True, text=True, timeout=360)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    workers = json.loads((out / "smoke" / "workers.json").read_text())
+    assert sorted(w["rank"] for w in workers) == [0, 1]
+    assert len({w["node_id"] for w in workers}) == 2  # one worker on each node
+    assert (out / "smoke" / "step_00000010" / "state.pt").exists()

@@ -31,7 +31,11 @@ from raydiff.train.kinds import ENGINES
 from raydiff.train.loop import LoopResult, train_loop
 from raydiff.train.precision import resolve_precision
 
-SUMMED_METRICS = ("tokens_per_s",)  # the rest are averaged over workers
+SUMMED_METRICS = ("tokens_per_s",)
+# A Tune trial's driver (which only builds and fits a TorchTrainer) holds this custom resource
+# rather than a CPU, so that on a small cluster the CPUs go to training workers (two trial
+# drivers holding the only two CPUs deadlock: no worker can start).
+TRIAL_DRIVER_RESOURCE = "raydiff_trial_driver"  # the rest are averaged over workers
 
 
 # ----------------------------------------------------------------------------- on each worker
@@ -81,6 +85,24 @@ def _epochs(shard, batch_size: int) -> Iterator[dict]:
                    "attention_mask": batch["attention_mask"]}
 
 
+def record_placement(run_dir: Path, rank: int, world_size: int, device: torch.device) -> None:
+    """Rank 0 writes where every worker runs (node, host, device) to workers.json."""
+    import socket
+
+    import ray
+
+    mine = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(), "device": str(device),
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else "cpu")}
+    everyone = [mine]
+    if world_size > 1 and torch.distributed.is_initialized():
+        everyone = [None] * world_size
+        torch.distributed.all_gather_object(everyone, mine)
+    if rank == 0:
+        (run_dir / "workers.json").write_text(json.dumps(everyone, indent=2))
+
+
 def worker_loop(config: dict) -> None:
     """The per-worker function TorchTrainer runs."""
     import ray.train
@@ -109,6 +131,7 @@ def worker_loop(config: dict) -> None:
     def valid_batches():
         return chunk_batches(valid, cfg.train.batch_size, cfg.train.eval_batches)
 
+    record_placement(Path(config["run_dir"]), rank, world_size, device)
     tokenizer = load_tokenizer(config["tokenizer_dir"])
     reporter = RayReporter(cfg, Path(config["run_dir"]), tokenizer, rank, world_size)
     train_loop(engine, train_batches, valid_batches, cfg.train, reporter, is_chief=rank == 0,
@@ -133,8 +156,18 @@ def start_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+    # a local Ray advertises the resource Tune trial drivers hold instead of a CPU; cluster
+    # nodes advertise it through their YAML (cluster/)
+    resources = {TRIAL_DRIVER_RESOURCE: 1000} if address == "local" else None
+    # the dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls: without
+    # it the workers' CPUs of a trial that Tune stopped are never released
+    ray.init(address=address, include_dashboard=True, log_to_driver=False, resources=resources,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one training worker holds (GPUs are added by Ray Train when ray.use_gpu)."""
+    return {"CPU": cfg.ray.cpus_per_worker, **cfg.ray.worker_resources}
 
 
 def check_resources(cfg: Config) -> None:
@@ -142,6 +175,15 @@ def check_resources(cfg: Config) -> None:
     import ray
 
     total = ray.cluster_resources()
+    for name, amount in cfg.ray.worker_resources.items():
+        if total.get(name, 0) < amount * cfg.ray.num_workers:
+            raise ValueError(
+                f"ray.worker_resources.{name}={amount:g} x ray.num_workers="
+                f"{cfg.ray.num_workers} needs {amount * cfg.ray.num_workers:g}; the cluster "
+                f"has {total.get(name, 0):g}")
+    if cfg.ray.accelerator_type and not total.get(f"accelerator_type:{cfg.ray.accelerator_type}"):
+        raise ValueError(f"ray.accelerator_type={cfg.ray.accelerator_type}: no node of the "
+                         f"cluster has that GPU")
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     if need_cpu > total.get("CPU", 0):
         raise ValueError(
@@ -153,39 +195,58 @@ def check_resources(cfg: Config) -> None:
                          f"cluster has {total.get('GPU', 0):g} GPUs")
 
 
-def train_on_ray(cfg: Config, kind: str = "diffusion") -> RayRun:
-    """Prepare the data if needed, then fit a TorchTrainer of `kind` (see
-    `raydiff.train.kinds`); returns where things are."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    start_ray(cfg.ray.address)
-    check_resources(cfg)
+def prepared_data(cfg: Config):
+    """Prepare `cfg.data` if needed (cached by fingerprint); returns (path, manifest)."""
     prepared = prepare(cfg.data)  # a no-op when the prepared output exists
     location, manifest = open_prepared(prepared.path, cfg.data)
     if location.is_s3:
         raise ValueError("data.out_dir on s3:// is not supported by `raydiff train` yet; "
                          "prepare to a local or shared path")
+    return prepared.path, manifest
 
-    storage = Path(cfg.ray.storage_path or cfg.train.output_dir).expanduser().resolve()
-    run_dir = storage / cfg.train.run_name
+
+def build_trainer(cfg: Config, data_path: str, vocab_size: int, run_dir: Path, *,
+                  kind: str = "diffusion", callbacks=()):
+    """A TorchTrainer of `kind` whose Ray Train run is `run_dir` (storage = its parent, name =
+    its name: the same directory again resumes from its latest checkpoint)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
-    trainer = TorchTrainer(
+    return TorchTrainer(
         worker_loop,
         train_loop_config={
-            "cfg": cfg.to_dict(), "kind": kind, "vocab_size": manifest["vocab_size"],
-            "data_path": prepared.path, "tokenizer_dir": f"{prepared.path}/tokenizer",
+            "cfg": cfg.to_dict(), "kind": kind, "vocab_size": vocab_size,
+            "data_path": data_path, "tokenizer_dir": f"{data_path}/tokenizer",
             "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            accelerator_type=cfg.ray.accelerator_type,
+            resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
-            name=cfg.train.run_name, storage_path=str(storage),
+            name=run_dir.name, storage_path=str(run_dir.parent), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep)),
-        datasets={"train": training_datasets(prepared.path, cfg.data, splits=("train",))["train"]},
+        datasets={"train": training_datasets(data_path, cfg.data, splits=("train",))["train"]},
     )
-    trainer.fit()
-    reports = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_reports(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_on_ray(cfg: Config, kind: str = "diffusion") -> RayRun:
+    """Prepare the data if needed, then fit a TorchTrainer of `kind` (see
+    `raydiff.train.kinds`); returns where things are."""
+    start_ray(cfg.ray.address)
+    check_resources(cfg)
+    data_path, manifest = prepared_data(cfg)
+    storage = Path(cfg.ray.storage_path or cfg.train.output_dir).expanduser().resolve()
+    run_dir = storage / cfg.train.run_name
+    build_trainer(cfg, data_path, manifest["vocab_size"], run_dir, kind=kind).fit()
+    reports = read_reports(run_dir)
     return RayRun(run_dir, None, latest_checkpoint(run_dir), reports[-1] if reports else {})
