@@ -79,3 +79,12 @@ def test_missing_or_corrupt_checkpoint_gives_one_line_error(tmp_path):
     (bad / "state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):
         load_checkpoint(tmp_path / "run")
+
+
+def test_group_precision_puts_a_whole_ddp_group_on_one_scale():
+    from raydiff.train.precision import group_precision
+
+    assert group_precision(["bf16", "bf16"]) == "bf16"  # A100s only
+    assert group_precision(["bf16", "fp16", "bf16"]) == "fp16"  # A100s with a T4
+    assert group_precision(["fp16", "fp16"]) == "fp16"
+    assert group_precision(["bf16", "fp32"]) == "fp32"  # a CPU worker in the group

@@ -38,3 +38,13 @@ def autocast(precision: str, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def group_precision(choices: list[str]) -> str:
+    """One precision for a whole DDP group from each worker's own choice, so that gradients
+    enter the all-reduce on one scale: bf16 only if every worker chose bf16; fp16 (with loss
+    scaling, the same initial scale everywhere) if every worker has a GPU but some lack bf16
+    (e.g. A100s with T4s); fp32 as soon as one worker is on a CPU."""
+    if "fp32" in choices:
+        return "fp32"
+    return "bf16" if all(c == "bf16" for c in choices) else "fp16"

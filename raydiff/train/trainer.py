@@ -29,7 +29,7 @@ from raydiff.data.tokenizer import load_tokenizer
 from raydiff.train.checkpoint import STATE_FILE, latest_checkpoint, write_checkpoint_files
 from raydiff.train.kinds import ENGINES
 from raydiff.train.loop import LoopResult, train_loop
-from raydiff.train.precision import resolve_precision
+from raydiff.train.precision import group_precision, resolve_precision
 
 SUMMED_METRICS = ("tokens_per_s",)
 # A Tune trial's driver (which only builds and fits a TorchTrainer) holds this custom resource
@@ -113,6 +113,10 @@ def worker_loop(config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.precision == "auto" and world_size > 1 and torch.distributed.is_initialized():
+        choices: list = [None] * world_size  # e.g. A100 workers pick bf16, T4 workers fp16
+        torch.distributed.all_gather_object(choices, precision)
+        precision = group_precision(choices)
     if cfg.train.num_threads and device.type == "cpu":
         torch.set_num_threads(cfg.train.num_threads)
 
