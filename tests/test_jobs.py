@@ -40,7 +40,17 @@ def _our_processes(marker: str) -> list[int]:
     return pids
 
 
-def _start_cluster(worker_node: bool):
+def _node_ports() -> list[str]:
+    """Free ports for a node's agents: the defaults (52365, ...) are taken whenever another Ray
+    runs on the host, such as the test session's, and a node whose dashboard agent cannot bind
+    accepts no jobs ("No available agent to submit job")."""
+    return [f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}"]
+
+
+def _start_cluster():
     """A head (2 CPUs) and optionally a second node (1 CPU) on 127.0.0.1, each advertising one
     `raydiff_slot`, every process in its own session so that it can be killed by group."""
     temp_dir = tempfile.mkdtemp(prefix="rdj", dir="/tmp")  # short: Ray's socket paths are capped
@@ -50,6 +60,7 @@ def _start_cluster(worker_node: bool):
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
+         f"--ray-client-server-port={_free_port()}", *_node_ports(),
          '--resources={"raydiff_slot": 1}'],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     return temp_dir, gcs_port, dashboard_port, env, nodes
@@ -57,7 +68,7 @@ def _start_cluster(worker_node: bool):
 
 @pytest.fixture(params=[False], ids=["head"])
 def ray_head(request):
-    temp_dir, gcs_port, dashboard_port, env, nodes = _start_cluster(request.param)
+    temp_dir, gcs_port, dashboard_port, env, nodes = _start_cluster()
     head = nodes[0]
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
@@ -73,7 +84,7 @@ def ray_head(request):
         if request.param:  # a second node with its own slot, joining the head
             nodes.append(subprocess.Popen(
                 [RAY, "start", "--block", f"--address=127.0.0.1:{gcs_port}",
-                 "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                 "--node-ip-address=127.0.0.1", "--num-cpus=1", *_node_ports(),
                  '--resources={"raydiff_slot": 1}'],
                 env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL))

@@ -88,3 +88,25 @@ def test_group_precision_puts_a_whole_ddp_group_on_one_scale():
     assert group_precision(["bf16", "fp16", "bf16"]) == "fp16"  # A100s with a T4
     assert group_precision(["fp16", "fp16"]) == "fp16"
     assert group_precision(["bf16", "fp32"]) == "fp32"  # a CPU worker in the group
+
+
+def test_validation_reports_mse_at_abar_one_half_for_every_schedule(smoke_cfg):
+    import torch
+
+    from raydiff.config import apply_overrides
+    from raydiff.diffusion import SCHEDULE_NAMES
+    from raydiff.train.engine import DiffusionEngine
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(2, 50, (8, 16), generator=g),
+             "attention_mask": torch.ones(8, 16, dtype=torch.long)}
+    for name in SCHEDULE_NAMES:
+        cfg = apply_overrides(smoke_cfg, {"diffusion.schedule": name,
+                                          "diffusion.num_steps": 2000})
+        engine = DiffusionEngine(cfg, 50, torch.device("cpu"))
+        abar = engine.schedule.alphas_cumprod
+        t_half = int((abar - 0.5).abs().argmin())
+        assert abs(abar[t_half].item() - 0.5) < 0.01, name  # every schedule passes 1/2
+        out = engine.evaluate([batch])
+        assert out["val_mse_abar50"] > 0 and 0 <= out["val_token_accuracy_abar50"] <= 1
+        assert out["val_mse_abar50"] != out["val_mse"]

@@ -139,6 +139,10 @@ class DiffusionEngine:
         was_training = model.training
         model.eval()
         generator = torch.Generator().manual_seed(seed)
+        batches = list(batches)
+        # the timestep whose abar is closest to 1/2: the same noise level for every schedule,
+        # so the `_abar50` metrics compare runs with different schedules (raw val_mse does not)
+        t_half = int((self.schedule.alphas_cumprod - 0.5).abs().argmin())
         sums: dict[str, float] = {}
         count = 0
         for batch in batches:
@@ -146,14 +150,19 @@ class DiffusionEngine:
             attention_mask = batch["attention_mask"].to(self.device)
             t = torch.randint(0, self.schedule.num_steps, (input_ids.shape[0],),
                               generator=generator).to(self.device)
-            with autocast(self.precision, self.device):
-                terms = diffusion_losses(
-                    model, self.schedule, input_ids, attention_mask, t,
-                    loss=self.cfg.diffusion.loss, noise_factor=self.cfg.diffusion.noise_factor,
-                    perturb_z0=self.cfg.diffusion.perturb_z0,
-                    self_condition=False, generator=generator)
-            for name in ("total", "mse", "ce", "t_T", "token_accuracy", "z0_sq"):
-                sums[name] = sums.get(name, 0.0) + getattr(terms, name).float().sum().item()
+            for suffix, timesteps in (("", t), ("_abar50", torch.full_like(t, t_half))):
+                with autocast(self.precision, self.device):
+                    terms = diffusion_losses(
+                        model, self.schedule, input_ids, attention_mask, timesteps,
+                        loss=self.cfg.diffusion.loss,
+                        noise_factor=self.cfg.diffusion.noise_factor,
+                        perturb_z0=self.cfg.diffusion.perturb_z0,
+                        self_condition=False, generator=generator)
+                names = (("total", "mse", "ce", "t_T", "token_accuracy", "z0_sq") if not suffix
+                         else ("mse", "token_accuracy"))
+                for name in names:
+                    key = name + suffix
+                    sums[key] = sums.get(key, 0.0) + getattr(terms, name).float().sum().item()
             count += input_ids.shape[0]
         model.train(was_training)
         if count == 0:

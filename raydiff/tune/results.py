@@ -48,6 +48,9 @@ def trial_rows(experiment) -> list[dict]:
             f"best_{t.metric}": best.get(t.metric, math.nan),
             "val_mse_over_z0_sq": best.get("val_mse_over_z0_sq", math.nan),
             "val_token_accuracy": best.get("val_token_accuracy", math.nan),
+            # at abar = 1/2, the same noise level for every schedule: comparable across them
+            "val_mse_abar50": best.get("val_mse_abar50", math.nan),
+            "val_token_accuracy_abar50": best.get("val_token_accuracy_abar50", math.nan),
             "emb_norm_mean": last.get("emb_norm_mean", math.nan),
             "starts": _count_lines(run_dir / "starts.log"),
             f"steps_to_accuracy_{t.accuracy_threshold:g}": _first_step(
@@ -180,7 +183,9 @@ def trials_table(rows: list[dict], metric: str) -> Table:
     columns = [(k, k.rsplit(".", 1)[-1]) for k in searched] + [
         ("iterations", "reports"), ("steps", "steps"), ("stopped_early", "stopped early"),
         (f"best_{metric}", f"best {metric}"), ("val_mse_over_z0_sq", "mse / z0^2"),
-        ("val_token_accuracy", "token acc")] + [(k, k.replace("_", " ")) for k in thresholds]
+        ("val_token_accuracy", "token acc"), ("val_mse_abar50", "mse @abar.5"),
+        ("val_token_accuracy_abar50", "acc @abar.5")] + [(k, k.replace("_", " "))
+                                                          for k in thresholds]
     table.add_column("#")
     for _, title in columns:
         table.add_column(title, justify="right")
