@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from raydiff.config import load_config
+from raydiff.data.corpus import chunk_batches
 from raydiff.eval.evaluate import held_out_blocks, reference_perplexity
 from raydiff.eval.generate import SamplerSettings, generate
 from raydiff.eval.loading import load_diffusion, load_reference
 from raydiff.eval.metrics import distinct_n, self_bleu
+from raydiff.model.reference_lm import perplexity
 from raydiff.train.local import train_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,9 +82,7 @@ def main() -> None:
                 "distinct_2": round(distinct_n(words, 2), 4),
                 "self_bleu": round(self_bleu(words), 4)})
         blocks, _ = held_out_blocks(loaded.cfg.data.source, loaded, split="test")
-        real = [row[mask == 1].tolist()
-                for row, mask in zip(blocks["input_ids"], blocks["attention_mask"], strict=True)]
-        real_ppl, _ = reference_perplexity(reference, real, loaded.cfg.data.seq_len, 256)
+        real_ppl, _ = perplexity(reference, chunk_batches(blocks, 256))
         ddpm = results[0]
         ddim50 = next((r for r in results if r["sampler"] == "ddim" and r["steps"] == 50), None)
         summary = {"checkpoint": str(checkpoint), "T": num_steps, "model": vars(loaded.cfg.model),

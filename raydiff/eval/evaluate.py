@@ -171,10 +171,8 @@ def evaluate(checkpoint: str, source: str, options: EvalOptions | None = None,
         report("reference", 0, None)
         gen_ppl, _ = reference_perplexity(reference, [s.token_ids for s in samples],
                                            loaded.cfg.data.seq_len, opts.batch_size)
-        real = [row[mask.astype(bool)].tolist()
-                for row, mask in zip(blocks["input_ids"], blocks["attention_mask"], strict=True)]
-        ref_ppl, _ = reference_perplexity(reference, real, loaded.cfg.data.seq_len,
-                                           opts.batch_size)
+        # the held-out blocks are already right-padded (ids, mask) batches: score them as they are
+        ref_ppl, _ = perplexity(reference, chunk_batches(blocks, opts.batch_size))
 
     summary = summarize_scores(scores)
     with torch.no_grad():
