@@ -2,7 +2,9 @@
 with equal (8:8) and unequal (12:4) local batches, end with the parameters one worker reaches
 with the whole batch (same seed, same data order)."""
 
+import gc
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -38,7 +40,7 @@ def _train(rank: int, sizes: list[int], init_file: str, out: str) -> None:
     wrap = None
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world)
+                                world_size=world, timeout=timedelta(seconds=60))
         wrap = DistributedDataParallel
     engine = DiffusionEngine(_cfg(), VOCAB, torch.device("cpu"), seed=0, wrap_model=wrap)
     offset, local = sum(sizes[:rank]), sizes[rank]
@@ -49,6 +51,11 @@ def _train(rank: int, sizes: list[int], init_file: str, out: str) -> None:
     if rank == 0:
         torch.save({k: v.clone() for k, v in engine.model.state_dict().items()}, out)
     if world > 1:
+        # Free DDP's reducer before the process group: if the reducer held the last reference,
+        # the group's destructor would join gloo threads while holding the GIL that they need
+        # (a deadlock seen here 1 run in ~8).
+        del engine
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -57,7 +64,8 @@ def _run(sizes, tmp_path, name):
     if len(sizes) == 1:
         _train(0, sizes, "", out)
     else:
-        mp.spawn(_train, args=(sizes, str(tmp_path / f"{name}.init"), out), nprocs=len(sizes))
+        mp.spawn(_train, args=(sizes, str(tmp_path / f"{name}.init"), out), nprocs=len(sizes),
+                 daemon=True)  # a hung child must not keep pytest from exiting
     return torch.load(out)
 
 
