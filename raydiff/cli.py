@@ -43,15 +43,21 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             run = train_local(cfg, console=console, kind=kind)
             metrics, steps = run.result.last_metrics, run.result.step
         else:
-            from raydiff.train.trainer import train_on_ray
+            from raydiff.train.trainer import ray_run_directory, train_on_ray
 
             _quiet_ray_logs()
-            with console.status(f"training {cfg.train.run_name} on Ray "
-                                f"({cfg.ray.num_workers} workers)"):
-                run = train_on_ray(cfg, kind=kind)
+            console.print(f"training {cfg.train.run_name} on Ray ({cfg.ray.num_workers} "
+                          f"workers); TensorBoard: tensorboard --logdir "
+                          f"{ray_run_directory(cfg) / 'tensorboard'}")
+            run = train_on_ray(cfg, kind=kind, console=console)
             metrics, steps = run.metrics, int(run.metrics.get("step", 0))
     except NonFiniteLossError as e:
-        last = latest_checkpoint(run_directory(cfg))
+        if args.no_ray:
+            last = latest_checkpoint(run_directory(cfg))
+        else:
+            from raydiff.train.trainer import ray_run_directory
+
+            last = latest_checkpoint(ray_run_directory(cfg))
         console.print(f"[red]error:[/red] {e}; training stopped, last good checkpoint: {last}",
                       soft_wrap=True)
         return 3
@@ -64,6 +70,8 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             table.add_row(key, f"{metrics[key]:.4f}")
     table.add_row("metrics", str(run.run_dir / "metrics.jsonl"))
     table.add_row("last checkpoint", str(run.last_checkpoint))
+    if run.last_checkpoint is not None and kind == "diffusion":
+        table.add_row("sample with", f"raydiff sample --checkpoint {run.last_checkpoint}")
     console.print(table)
     return 0
 

@@ -154,6 +154,25 @@ class RayConfig:
     storage_path: str | None = None  # where runs and checkpoints go; default train.output_dir
     max_failures: int = _field(0, ge=0)  # worker-group restarts from the latest checkpoint
     checkpoints_to_keep: int = _field(3, ge=1)
+    # How train.batch_size is split over the workers: "equal", or "throughput" (each worker's
+    # share follows its measured samples/s: mixed GPU types). Fixed `batch_shares` (one
+    # positive number per worker, e.g. [3, 1]) override both.
+    batch_balance: Literal["equal", "throughput"] = "equal"
+    batch_shares: list = _field([])
+    rebalance_every: int = _field(500, ge=0)  # steps between speed measurements; 0 = once
+    balance_probe_passes: int = _field(3, ge=1)  # timed forward/backward passes per measurement
+
+
+@dataclass
+class DebugConfig:
+    """Fault and slowness injection for tests and benchmarks; leave alone for real training."""
+
+    crash_rank: int = -1  # this worker's process dies ...
+    crash_at_step: int = _field(0, ge=0)  # ... when it reaches this step (once per run; 0 = off)
+    slow_rank: int = -1  # this worker computes `slow_factor` times slower (train.balance.Throttle)
+    slow_factor: float = _field(1.0, ge=1.0)
+    nan_rank: int = -1  # this worker's training loss turns NaN ...
+    nan_at_step: int = _field(0, ge=0)  # ... at this step (0 = off)
 
 
 @dataclass
@@ -197,6 +216,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
         """The tree as plain dicts; `redact` blanks credentials (for anything written out)."""
@@ -374,6 +394,14 @@ def _check_consistency(cfg: Config, origin: str) -> None:
         if not isinstance(amount, int | float) or isinstance(amount, bool) or amount <= 0:
             raise ConfigError(f"{origin}: ray.worker_resources.{name} must be a positive "
                               f"number, got {amount!r}")
+    shares = cfg.ray.batch_shares
+    if shares and (len(shares) != max(cfg.ray.num_workers, 1) or any(
+            isinstance(v, bool) or not isinstance(v, int | float) or v <= 0 for v in shares)):
+        raise ConfigError(f"{origin}: ray.batch_shares={shares!r} needs one positive number per "
+                          f"worker (ray.num_workers={cfg.ray.num_workers})")
+    if cfg.train.batch_size < cfg.ray.num_workers:
+        raise ConfigError(f"{origin}: train.batch_size={cfg.train.batch_size} is smaller than "
+                          f"ray.num_workers={cfg.ray.num_workers}")
     r = cfg.reference
     if r.hidden_size % r.num_heads:
         raise ConfigError(

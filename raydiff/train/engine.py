@@ -26,6 +26,37 @@ class NonFiniteLossError(RuntimeError):
     checkpoint already written) are those of the last good step."""
 
 
+# fp16 halves its loss scale at every overflowing step; from 2**16 down to below 1 means the
+# gradients have been non-finite for 17 steps in a row: the loss itself is broken
+COLLAPSED_LOSS_SCALE = 1.0
+
+
+def apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, loss: torch.Tensor, loss_weight: float,
+                    grad_clip: float, step: int) -> torch.Tensor:
+    """Backward (DDP all-reduces the gradients here), clip and step; returns the gradient norm.
+
+    The NaN guard decides on the all-reduced gradients, which every rank of a DDP group holds
+    identically, so all ranks raise at the same step (a decision on the rank-local loss would
+    let one rank stop while the others wait in the next all-reduce). A NaN/inf loss on any rank
+    makes these gradients non-finite. Under fp16 an overflowing step is normal and skipped by
+    the scaler; only a collapsed loss scale stops the run.
+    """
+    scaler.scale(loss * loss_weight).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    broken = (scaler.get_scale() < COLLAPSED_LOSS_SCALE if scaler.is_enabled()
+              else not torch.isfinite(grad_norm).item())
+    if broken:
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"step {step + 1}: loss is {loss.item()} on this worker, "
+                                 f"gradient norm {grad_norm.item()} over the group")
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def linear_warmup_anneal(warmup_steps: int, anneal_steps: int) -> Callable[[int], float]:
     """LR multiplier: 0 -> 1 over `warmup_steps`, then 1 -> 0 linearly at `anneal_steps`."""
     def factor(step: int) -> float:
@@ -101,19 +132,9 @@ class DiffusionEngine:
                 self_condition=self.cfg.diffusion.self_condition,
                 noise=(eps0[mine], eps[mine]), use_self_cond=use_self_cond)
         loss = (terms.total * weights).mean()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"step {self.step + 1}: loss is {loss_value}")
+        grad_norm = apply_gradients(self.model, self.optimizer, self.scaler, loss, loss_weight,
+                                    self.cfg.optim.grad_clip, self.step)
         self.timesteps.update(t, terms.total)
-
-        self.scaler.scale(loss * loss_weight).backward()
-        self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_schedule.get_last_lr()[0]
         self.lr_schedule.step()
         self.ema.update(self.model)
@@ -121,12 +142,28 @@ class DiffusionEngine:
 
         n_tokens = attention_mask.sum()
         return {
-            "loss": loss_value, "mse": terms.mse.mean().item(), "ce": terms.ce.mean().item(),
+            "loss": loss.item(), "mse": terms.mse.mean().item(), "ce": terms.ce.mean().item(),
             "tT": terms.t_T.mean().item(), "rounding_ce": terms.rounding_ce.mean().item(),
             "anchor_ce": terms.anchor_ce.mean().item(),
             "token_accuracy": terms.token_accuracy.mean().item(),
             "grad_norm": grad_norm.item(), "lr": lr, "tokens": n_tokens.item(),
         }
+
+    def probe_loss(self, batch: Batch) -> torch.Tensor:
+        """A training loss of `batch` on throwaway draws: what `train.balance` times."""
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        generator = torch.Generator().manual_seed(0)
+        t, weights = self.timesteps.sample(input_ids.shape[0], "cpu", generator)
+        self.train_model.train()
+        with autocast(self.precision, self.device):
+            terms = diffusion_losses(
+                self.train_model, self.schedule, input_ids, attention_mask, t.to(self.device),
+                loss=self.cfg.diffusion.loss, noise_factor=self.cfg.diffusion.noise_factor,
+                perturb_z0=self.cfg.diffusion.perturb_z0,
+                self_condition=self.cfg.diffusion.self_condition, generator=generator,
+                use_self_cond=False)
+        return (terms.total * weights.to(self.device)).mean()
 
     # ------------------------------------------------------------------ evaluation
 

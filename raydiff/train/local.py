@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from raydiff.config import Config
 from raydiff.data.corpus import build_corpus, chunk_batches, iterate_batches
+from raydiff.train.balance import PlacedBatch
 from raydiff.train.checkpoint import latest_checkpoint, save_checkpoint
 from raydiff.train.kinds import ENGINES
 from raydiff.train.loop import LoopResult, train_loop
@@ -38,6 +39,9 @@ class RunDirectoryReporter:
         self.run_dir, self.cfg, self.tokenizer = run_dir, cfg, tokenizer
         self.progress, self.task = progress, task
         self.last_checkpoint: Path | None = latest_checkpoint(run_dir)
+
+    def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        return metrics  # one process: nothing to agree on
 
     def report(self, metrics: dict[str, float], checkpoint_state: dict | None) -> None:
         if checkpoint_state is not None:
@@ -85,9 +89,9 @@ def train_local(cfg: Config, console: Console | None = None, kind: str = "diffus
         engine.load_state_dict(torch.load(resume_from / "state.pt", weights_only=False))
 
     # the data order is a pure function of (seed, step): skip what the resumed run consumed
-    train_batches = itertools.islice(
+    train_batches = map(PlacedBatch, itertools.islice(
         iterate_batches(corpus.splits["train"], cfg.train.batch_size, seed=cfg.train.seed),
-        engine.step, None)
+        engine.step, None))
     valid = corpus.splits["valid"] if len(corpus.splits["valid"]["input_ids"]) else corpus.splits["train"]
 
     def valid_batches():

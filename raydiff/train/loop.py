@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from raydiff.config import TrainConfig
+from raydiff.train.balance import PlacedBatch
 from raydiff.train.engine import Batch, DiffusionEngine
 
 
 class Reporter(Protocol):
+    def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        """This report's metrics as the whole group sees them (identical on every rank)."""
+        ...
+
     def report(self, metrics: dict[str, float], checkpoint_state: dict | None) -> None: ...
 
 
@@ -29,20 +34,20 @@ class LoopResult:
     last_metrics: dict[str, float]
 
 
-def train_loop(engine: DiffusionEngine, train_batches: Iterator[Batch],
+def train_loop(engine: DiffusionEngine, train_batches: Iterator[PlacedBatch],
                valid_batches: Callable[[], Iterable[Batch]], cfg: TrainConfig, reporter: Reporter,
-               *, is_chief: bool = True, loss_weight: float = 1.0,
-               global_batch: int | None = None, offset: int = 0) -> LoopResult:
-    """Train until `cfg.max_steps` (or early stopping). `loss_weight`, `global_batch` and
-    `offset` place this worker's batch in the global one (see `DiffusionEngine.train_step`)."""
+               *, is_chief: bool = True) -> LoopResult:
+    """Train until `cfg.max_steps` (or early stopping). Each `PlacedBatch` says where this
+    worker's rows sit in the step's global batch (see `DiffusionEngine.train_step`)."""
     best, evals_since_best, stopped_early = math.inf, 0, False
     window: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
     metrics: dict[str, float] = {}
     while engine.step < cfg.max_steps:
-        batch = next(train_batches)
-        # raises on a NaN/inf loss
-        step_metrics = engine.train_step(batch, loss_weight, global_batch, offset)
+        placed = next(train_batches)
+        # raises on a NaN/inf loss (on every rank of a DDP group at the same step)
+        step_metrics = engine.train_step(*placed)
+        step_metrics["local_batch"] = len(placed.batch["input_ids"])
         for k, v in step_metrics.items():
             window[k] = window.get(k, 0.0) + v
         window_steps += 1
@@ -57,6 +62,10 @@ def train_loop(engine: DiffusionEngine, train_batches: Iterator[Batch],
         metrics |= {"step": step, "tokens_per_s": window["tokens"] / max(elapsed, 1e-9)}
         if do_eval:
             metrics |= engine.evaluate(valid_batches(), use_ema=cfg.eval_ema)
+        # every rank decides on the same numbers: devices of different types compute slightly
+        # different validation losses, and ranks disagreeing about stopping would hang
+        metrics = reporter.reduce(metrics)
+        if do_eval:
             if metrics["val_loss"] < best:
                 best, evals_since_best = metrics["val_loss"], 0
             else:

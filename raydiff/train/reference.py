@@ -14,7 +14,7 @@ from torch import nn
 
 from raydiff.config import Config
 from raydiff.model.reference_lm import build_reference_lm, causal_lm_loss
-from raydiff.train.engine import Batch, NonFiniteLossError, build_optimizer
+from raydiff.train.engine import Batch, apply_gradients, build_optimizer
 from raydiff.train.precision import autocast
 
 REFERENCE_KIND = "reference_lm"  # stored in its checkpoints' state
@@ -44,22 +44,21 @@ class ReferenceEngine:
         with autocast(self.precision, self.device):
             nll, count = causal_lm_loss(self.train_model, input_ids, attention_mask)
         loss = nll.sum() / count.sum().clamp(min=1)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"step {self.step + 1}: loss is {loss_value}")
-        self.scaler.scale(loss * loss_weight).backward()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   self.cfg.optim.grad_clip or math.inf)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = apply_gradients(self.model, self.optimizer, self.scaler, loss, loss_weight,
+                                    self.cfg.optim.grad_clip, self.step)
         lr = self.lr_schedule.get_last_lr()[0]
         self.lr_schedule.step()
         self.step += 1
-        return {"loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr,
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
                 "tokens": attention_mask.sum().item()}
+
+    def probe_loss(self, batch: Batch) -> torch.Tensor:
+        """The training loss of `batch`: what `train.balance` times."""
+        self.train_model.train()
+        with autocast(self.precision, self.device):
+            nll, count = causal_lm_loss(self.train_model, batch["input_ids"].to(self.device),
+                                        batch["attention_mask"].to(self.device))
+        return nll.sum() / count.sum().clamp(min=1)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch], use_ema: bool = True,

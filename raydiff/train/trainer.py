@@ -12,7 +12,6 @@ same RunConfig name and storage path).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import tempfile
@@ -26,16 +25,20 @@ from raydiff.config import Config, build_config
 from raydiff.data.corpus import chunk_batches
 from raydiff.data.pipeline import open_prepared, prepare, read_split_blocks, training_datasets
 from raydiff.data.tokenizer import load_tokenizer
+from raydiff.train.balance import BalancedBatches, PlacedBatch, Throttle
 from raydiff.train.checkpoint import STATE_FILE, latest_checkpoint, write_checkpoint_files
+from raydiff.train.engine import NonFiniteLossError
 from raydiff.train.kinds import ENGINES
 from raydiff.train.loop import LoopResult, train_loop
 from raydiff.train.precision import group_precision, resolve_precision
 
-SUMMED_METRICS = ("tokens_per_s",)
-# A Tune trial's driver (which only builds and fits a TorchTrainer) holds this custom resource
-# rather than a CPU, so that on a small cluster the CPUs go to training workers (two trial
-# drivers holding the only two CPUs deadlock: no worker can start).
-TRIAL_DRIVER_RESOURCE = "raydiff_trial_driver"  # the rest are averaged over workers
+# Tune trial drivers (which only build and fit a TorchTrainer) hold this custom resource rather
+# than a CPU, so that on a small cluster the CPUs go to training workers (two trial drivers
+# holding the only two CPUs deadlock: no worker can start).
+TRIAL_DRIVER_RESOURCE = "raydiff_trial_driver"
+# reported per worker (`<name>_rank<i>`) as well; tokens_per_s also summed, the rest averaged
+PER_WORKER_METRICS = ("tokens_per_s", "local_batch")
+STOPPED_FILE = "stopped.json"  # why a run stopped before max_steps (NaN/inf loss)
 
 
 # ----------------------------------------------------------------------------- on each worker
@@ -49,19 +52,29 @@ class RayReporter:
         self.cfg, self.run_dir, self.tokenizer = cfg, run_dir, tokenizer
         self.rank, self.world_size = rank, world_size
 
-    def _all_reduce(self, metrics: dict[str, float]) -> dict[str, float]:
-        if self.world_size == 1 or not torch.distributed.is_initialized():
-            return metrics
-        keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(values)  # gloo/NCCL: every rank reports equally often
-        return {k: v if k in SUMMED_METRICS or k == "step" else v / self.world_size
-                for k, v in zip(keys, values.tolist(), strict=True)} | {"step": metrics["step"]}
+    def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Averages over the workers (tokens/s summed), plus each worker's own tokens/s and
+        local batch. Every rank reports equally often, so these collectives always match."""
+        step = metrics["step"]
+        keys = sorted(k for k in metrics if k != "step")
+        shared = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        per_worker = torch.zeros(self.world_size, len(PER_WORKER_METRICS), dtype=torch.float64)
+        per_worker[self.rank] = torch.tensor([float(metrics[k]) for k in PER_WORKER_METRICS])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(shared)
+            torch.distributed.all_reduce(per_worker)  # each rank fills its own row
+            shared /= self.world_size
+        out = dict(zip(keys, shared.tolist(), strict=True)) | {"step": step}
+        out["tokens_per_s"] = per_worker[:, 0].sum().item()
+        del out["local_batch"]
+        for rank, row in enumerate(per_worker.tolist()):
+            out |= {f"{name}_rank{rank}": value
+                    for name, value in zip(PER_WORKER_METRICS, row, strict=True)}
+        return out
 
     def report(self, metrics: dict[str, float], checkpoint_state: dict | None) -> None:
         import ray.train
 
-        metrics = self._all_reduce(metrics)
         if self.rank == 0:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -74,15 +87,17 @@ class RayReporter:
                              checkpoint_dir_name=f"step_{int(metrics['step']):08d}")
 
 
-def _epochs(shard, batch_size: int) -> Iterator[dict]:
-    """This worker's batches, epoch after epoch; the partial batch at an epoch's end is dropped
-    so that every worker takes the same number of steps. (A resumed run starts a fresh epoch.)"""
-    for epoch in itertools.count():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=4 * batch_size,
-                                              local_shuffle_seed=epoch):
-            yield {"input_ids": batch["input_ids"].long(),
-                   "attention_mask": batch["attention_mask"]}
+def _crash_when_due(batches: Iterator[PlacedBatch], engine, cfg: Config, rank: int,
+                    run_dir: Path) -> Iterator[PlacedBatch]:
+    """Test hook (`debug.crash_rank`, `debug.crash_at_step`): this worker's process dies
+    before that step, once per run (a marker file remembers it across restarts)."""
+    marker = run_dir / f".crashed_rank{rank}_step{cfg.debug.crash_at_step}"
+    for placed in batches:
+        if (rank == cfg.debug.crash_rank and engine.step + 1 == cfg.debug.crash_at_step
+                and not marker.exists()):
+            marker.touch()
+            os._exit(1)
+        yield placed
 
 
 def record_placement(run_dir: Path, rank: int, world_size: int, device: torch.device) -> None:
@@ -108,6 +123,8 @@ def worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from raydiff.train.ingest import RowStream
+
     cfg = build_config(config["cfg"], origin="ray worker")
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -128,18 +145,54 @@ def worker_loop(config: dict) -> None:
             engine.load_state_dict(torch.load(Path(directory) / STATE_FILE, weights_only=False,
                                               map_location="cpu"))
 
-    local_batch = cfg.train.batch_size // world_size
-    train_batches = _epochs(ray.train.get_dataset_shard("train"), local_batch)
+    run_dir = Path(config["run_dir"])
+    if cfg.debug.slow_rank == rank and cfg.debug.slow_factor > 1:
+        Throttle(engine.model, cfg.debug.slow_factor)
+    stream = RowStream(ray.train.get_dataset_shard("train"), seed=cfg.train.seed + 1000 * rank)
+    train_batches = BalancedBatches(
+        stream, engine, cfg.train.batch_size, rank, world_size, balance=cfg.ray.batch_balance,
+        shares=cfg.ray.batch_shares, rebalance_every=cfg.ray.rebalance_every,
+        probe_passes=cfg.ray.balance_probe_passes,
+        on_rebalance=_balance_log(run_dir) if rank == 0 else None)
+    if cfg.debug.nan_rank == rank and cfg.debug.nan_at_step:
+        _poison_when_due(engine, cfg.debug.nan_at_step)
+    if cfg.debug.crash_at_step:
+        train_batches = _crash_when_due(train_batches, engine, cfg, rank, run_dir)
     valid = read_split_blocks(config["data_path"], "valid", cfg.data)
 
     def valid_batches():
         return chunk_batches(valid, cfg.train.batch_size, cfg.train.eval_batches)
 
-    record_placement(Path(config["run_dir"]), rank, world_size, device)
+    record_placement(run_dir, rank, world_size, device)
     tokenizer = load_tokenizer(config["tokenizer_dir"])
-    reporter = RayReporter(cfg, Path(config["run_dir"]), tokenizer, rank, world_size)
-    train_loop(engine, train_batches, valid_batches, cfg.train, reporter, is_chief=rank == 0,
-               global_batch=local_batch * world_size, offset=rank * local_batch)
+    reporter = RayReporter(cfg, run_dir, tokenizer, rank, world_size)
+    try:
+        train_loop(engine, train_batches, valid_batches, cfg.train, reporter, is_chief=rank == 0)
+    except NonFiniteLossError as error:
+        # every rank raises at the same step (the guard reads all-reduced gradients); ending
+        # normally rather than failing keeps FailureConfig from replaying the same NaN
+        if rank == 0:
+            (run_dir / STOPPED_FILE).write_text(json.dumps(
+                {"step": engine.step, "reason": str(error)}))
+
+
+def _poison_when_due(engine, step: int) -> None:
+    """Test hook (`debug.nan_rank`, `debug.nan_at_step`): this worker's training forward pass
+    returns NaN at that step, as a diverging run would."""
+    def poison(module, args, output):
+        if torch.is_grad_enabled() and engine.step + 1 == step:
+            return output * float("nan")
+        return output
+    engine.model.register_forward_hook(poison)
+
+
+def _balance_log(run_dir: Path):
+    """Appends each speed measurement and the local batch sizes it gave to balance.jsonl."""
+    def log(step: int, speeds: list[float], sizes: list[int]) -> None:
+        with open(run_dir / "balance.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "samples_per_s": speeds, "local_batch": sizes})
+                    + "\n")
+    return log
 
 
 # ----------------------------------------------------------------------------- on the driver
@@ -216,6 +269,8 @@ def build_trainer(cfg: Config, data_path: str, vocab_size: int, run_dir: Path, *
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raydiff.train.ingest import UnevenSplit
+
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     return TorchTrainer(
@@ -233,6 +288,7 @@ def build_trainer(cfg: Config, data_path: str, vocab_size: int, run_dir: Path, *
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep)),
         datasets={"train": training_datasets(data_path, cfg.data, splits=("train",))["train"]},
+        dataset_config=UnevenSplit(("train",)),
     )
 
 
@@ -243,14 +299,28 @@ def read_reports(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train_on_ray(cfg: Config, kind: str = "diffusion") -> RayRun:
+def ray_run_directory(cfg: Config) -> Path:
+    """Where a Ray Train run of `cfg` lives: <ray.storage_path or train.output_dir>/<run_name>."""
+    storage = Path(cfg.ray.storage_path or cfg.train.output_dir).expanduser().resolve()
+    return storage / cfg.train.run_name
+
+
+def train_on_ray(cfg: Config, kind: str = "diffusion", console=None) -> RayRun:
     """Prepare the data if needed, then fit a TorchTrainer of `kind` (see
-    `raydiff.train.kinds`); returns where things are."""
+    `raydiff.train.kinds`), showing its progress on `console` (a rich Console) and logging it to
+    TensorBoard; returns where things are."""
+    from raydiff.train.monitor import RunMonitor
+
     start_ray(cfg.ray.address)
     check_resources(cfg)
     data_path, manifest = prepared_data(cfg)
-    storage = Path(cfg.ray.storage_path or cfg.train.output_dir).expanduser().resolve()
-    run_dir = storage / cfg.train.run_name
-    build_trainer(cfg, data_path, manifest["vocab_size"], run_dir, kind=kind).fit()
+    run_dir = ray_run_directory(cfg)
+    (run_dir / STOPPED_FILE).unlink(missing_ok=True)
+    with RunMonitor(run_dir, cfg.train.max_steps, console) as monitor:
+        build_trainer(cfg, data_path, manifest["vocab_size"], run_dir, kind=kind,
+                      callbacks=[monitor.callback()]).fit()
+    stopped = run_dir / STOPPED_FILE
+    if stopped.exists():
+        raise NonFiniteLossError(json.loads(stopped.read_text())["reason"])
     reports = read_reports(run_dir)
     return RayRun(run_dir, None, latest_checkpoint(run_dir), reports[-1] if reports else {})

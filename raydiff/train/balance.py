@@ -1,0 +1,174 @@
+"""Throughput-balanced local batches for DDP groups of unequal devices (A100 beside T4).
+
+Worker i takes b_i rows of the global batch G, b_i proportional to its measured samples/s, and
+weights its loss by b_i * W / G, so that DDP's gradient average equals the gradient of the whole
+global batch (see `DiffusionEngine.train_step`). Speeds are measured by timed forward/backward
+passes outside the all-reduce (DDP's `no_sync`), on a forked RNG, so a measurement changes no
+state: a balanced run takes exactly the steps an equal one takes, only faster.
+
+No Ray here: the collectives are torch.distributed's, the rows come from any `RowStream`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from raydiff.train.engine import Batch
+
+
+class PlacedBatch(NamedTuple):
+    """A worker's rows and where they sit in the global batch of this step."""
+
+    batch: Batch
+    loss_weight: float = 1.0  # local * world_size / global_batch
+    global_batch: int | None = None  # None: this batch is the whole global batch
+    offset: int = 0
+
+
+def split_batch(global_batch: int, shares: Sequence[float]) -> list[int]:
+    """Local batch sizes proportional to `shares`, each at least 1, summing to `global_batch`
+    (the rows that rounding down leaves go to the workers it shortened most)."""
+    if global_batch < len(shares):
+        raise ValueError(f"train.batch_size={global_batch} is smaller than the number of "
+                         f"workers ({len(shares)})")
+    if any(not s > 0 for s in shares):
+        raise ValueError(f"batch shares must be positive, got {list(shares)}")
+    exact = [global_batch * s / sum(shares) for s in shares]
+    sizes = [max(1, int(e)) for e in exact]
+    while sum(sizes) > global_batch:  # only where the one-row minimum lifted someone
+        sizes[sizes.index(max(sizes))] -= 1
+    most_short = sorted(range(len(sizes)), key=lambda i: sizes[i] - exact[i])
+    for i in most_short[:global_batch - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
+
+
+def placements(sizes: Sequence[int]) -> list[tuple[float, int, int]]:
+    """(loss_weight, global_batch, offset) of every worker for these local sizes."""
+    total, world = sum(sizes), len(sizes)
+    offsets = [sum(sizes[:i]) for i in range(world)]
+    return [(b * world / total, total, o) for b, o in zip(sizes, offsets, strict=True)]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_samples_per_s(engine, batch: Batch, passes: int) -> float:
+    """This worker's compute speed on `batch`: the median of `passes` timed forward/backward
+    passes (after one warm-up) without the all-reduce. Weights, gradients, optimizer and every
+    RNG are left as they were."""
+    no_sync = getattr(engine.train_model, "no_sync", contextlib.nullcontext)
+    devices = [engine.device] if engine.device.type == "cuda" else []
+    times = []
+    with torch.random.fork_rng(devices=devices), no_sync():
+        for i in range(passes + 1):
+            _synchronize(engine.device)
+            start = time.perf_counter()
+            engine.probe_loss(batch).backward()
+            _synchronize(engine.device)
+            if i:
+                times.append(time.perf_counter() - start)
+            engine.optimizer.zero_grad(set_to_none=True)
+    return len(batch["input_ids"]) / statistics.median(times)
+
+
+def _all_gather_floats(value: float, rank: int, world_size: int) -> list[float]:
+    mine = torch.zeros(world_size, dtype=torch.float64)
+    mine[rank] = value
+    torch.distributed.all_reduce(mine)  # each rank fills its own slot
+    return mine.tolist()
+
+
+def all_ranks_agree(flag: bool, world_size: int) -> bool:
+    """True when `flag` holds on every rank (a MIN all-reduce; one tiny collective)."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+class BalancedBatches:
+    """This worker's `PlacedBatch`es, step after step, from its `RowStream`.
+
+    Local sizes are `shares`-proportional when fixed shares are given, equal when `balance` is
+    "equal", and follow the measured speeds (re-measured every `rebalance_every` steps, 0 =
+    once) when it is "throughput". Every step all ranks agree that each has its rows; when one
+    runs out, all start the next epoch together (dropping the others' tails), so no rank waits
+    in an all-reduce that another never joins.
+    """
+
+    def __init__(self, stream, engine, global_batch: int, rank: int, world_size: int, *,
+                 balance: str = "equal", shares: Sequence[float] = (), rebalance_every: int = 0,
+                 probe_passes: int = 3,
+                 on_rebalance: Callable[[int, list[float], list[int]], None] | None = None):
+        self.stream, self.engine = stream, engine
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.balance, self.rebalance_every, self.probe_passes = balance, rebalance_every, probe_passes
+        self.sizes = split_batch(global_batch, list(shares) or [1.0] * world_size)
+        self.on_rebalance = on_rebalance  # (step, samples/s per rank, local batch sizes)
+        self.speeds: list[float] = []  # samples/s per rank, from the latest measurement
+        self._measured_at: int | None = None
+
+    def _due(self) -> bool:
+        if self.balance != "throughput":
+            return False
+        if self._measured_at is None:
+            return True
+        return bool(self.rebalance_every) and (
+            self.engine.step - self._measured_at >= self.rebalance_every)
+
+    def _rows(self, size: int) -> Batch:
+        for _ in range(2):  # this epoch's rows, else the next epoch's
+            if all_ranks_agree(self.stream.has(size), self.world_size):
+                return self.stream.take(size)
+            self.stream.next_epoch()
+        raise ValueError(f"a fresh epoch cannot fill a local batch of {size} rows on every "
+                         f"worker: the train split is too small for train.batch_size="
+                         f"{self.global_batch}")
+
+    def _rebalance(self) -> None:
+        probe = self._rows(self.sizes[self.rank])
+        speed = measure_samples_per_s(self.engine, probe, self.probe_passes)
+        self.speeds = _all_gather_floats(speed, self.rank, self.world_size)
+        self.sizes = split_batch(self.global_batch, self.speeds)
+        self._measured_at = self.engine.step
+        if self.on_rebalance is not None:
+            self.on_rebalance(self.engine.step, self.speeds, self.sizes)
+
+    def __iter__(self) -> Iterator[PlacedBatch]:
+        return self
+
+    def __next__(self) -> PlacedBatch:
+        if self._due():
+            self._rebalance()
+        batch = self._rows(self.sizes[self.rank])
+        return PlacedBatch(batch, *placements(self.sizes)[self.rank])
+
+
+class Throttle:
+    """Benchmark and test knob (`debug.slow_factor`): makes this worker's compute `factor`
+    times slower, as a slower GPU would, by sleeping inside every forward pass of `model` for
+    (factor - 1) x 3 x its duration (a backward costs about two forwards). The sleep happens
+    before the gradients reach the all-reduce, so the other workers wait for it."""
+
+    def __init__(self, model: nn.Module, factor: float):
+        self.factor, self._start = factor, 0.0
+        model.register_forward_pre_hook(self._before)
+        model.register_forward_hook(self._after)
+
+    def _before(self, module, args) -> None:
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, output) -> None:
+        if torch.is_grad_enabled():  # training and probe passes, not validation
+            time.sleep((self.factor - 1) * 3 * (time.perf_counter() - self._start))

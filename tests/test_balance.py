@@ -1,0 +1,121 @@
+"""Throughput-balanced local batches: the split, the speed probe that changes no state, the
+slowness knob, the row stream and the NaN guard's rule (no Ray, one process)."""
+
+import numpy as np
+import pytest
+import torch
+
+from raydiff.config import ConfigError, apply_overrides
+from raydiff.train.balance import (
+    BalancedBatches,
+    Throttle,
+    measure_samples_per_s,
+    placements,
+    split_batch,
+)
+from raydiff.train.engine import DiffusionEngine, NonFiniteLossError
+from raydiff.train.ingest import RowStream
+
+
+@pytest.mark.parametrize(("total", "shares", "expected"), [
+    (16, [3, 1], [12, 4]), (16, [1, 1], [8, 8]), (10, [1, 1, 1], [4, 3, 3]),
+    (64, [312.0, 97.5, 160.2], [35, 11, 18]), (3, [1000, 1, 1], [1, 1, 1])])
+def test_split_batch_is_proportional_positive_and_exact(total, shares, expected):
+    sizes = split_batch(total, shares)
+    assert sizes == expected and sum(sizes) == total and min(sizes) >= 1
+
+
+def test_split_batch_refuses_impossible_requests():
+    with pytest.raises(ValueError, match="smaller than the number of workers"):
+        split_batch(2, [1, 1, 1])
+    with pytest.raises(ValueError, match="must be positive"):
+        split_batch(8, [1, 0])
+
+
+def test_placements_weight_each_worker_by_its_share_of_the_global_batch():
+    (w0, g0, o0), (w1, g1, o1) = placements([12, 4])
+    assert (g0, g1, o0, o1) == (16, 16, 0, 12)
+    assert w0 == pytest.approx(12 * 2 / 16) and w1 == pytest.approx(4 * 2 / 16)
+
+
+def test_batch_shares_must_match_the_workers(smoke_cfg):
+    with pytest.raises(ConfigError, match=r"ray.batch_shares=\[3, 1, 1\] needs one positive"):
+        apply_overrides(smoke_cfg, {"ray.batch_shares": [3, 1, 1], "ray.num_workers": 2})
+
+
+def _engine(cfg):
+    torch.set_num_threads(1)
+    return DiffusionEngine(cfg, 60, torch.device("cpu"), seed=0)
+
+
+def _batch(rows=8, length=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 60, (rows, length), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_speed_probe_changes_no_state_and_sees_the_throttle(smoke_cfg):
+    cfg = apply_overrides(smoke_cfg, {"data.seq_len": 16})
+    engine = _engine(cfg)
+    engine.train_step(_batch(seed=1))  # optimizer state exists
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    rng, gen = torch.get_rng_state(), engine.generator.get_state()
+    normal = measure_samples_per_s(engine, _batch(), passes=3)
+    assert all(p.grad is None for p in engine.model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(engine.generator.get_state(), gen)
+    for name, value in engine.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+    Throttle(engine.model, factor=3.0)
+    slowed = measure_samples_per_s(engine, _batch(), passes=3)
+    assert 1.8 < normal / slowed < 5.0  # about 3x slower
+
+
+class _Shard:
+    """The part of a Ray `DataIterator` that `RowStream` uses, over a fixed array."""
+
+    def __init__(self, rows: int, length: int = 4):
+        self.ids = np.arange(rows * length).reshape(rows, length)
+        self.epochs = 0
+
+    def iter_batches(self, batch_size, batch_format, local_shuffle_buffer_size,
+                     local_shuffle_seed):
+        self.epochs += 1
+        for start in range(0, len(self.ids), batch_size):
+            chunk = self.ids[start:start + batch_size]
+            yield {"input_ids": chunk, "attention_mask": np.ones_like(chunk)}
+
+
+def test_row_stream_serves_any_sizes_and_drops_only_the_tail():
+    shard = _Shard(rows=10)
+    stream = RowStream(shard, read_rows=3)
+    first, second = stream.take(4), stream.take(5)
+    assert first["input_ids"].shape == (4, 4) and second["input_ids"].shape == (5, 4)
+    assert torch.equal(torch.cat([first["input_ids"], second["input_ids"]]),
+                       torch.from_numpy(shard.ids[:9]))
+    assert not stream.has(2)  # one row left
+    stream.next_epoch()
+    assert stream.has(10) and shard.epochs == 2
+
+
+def test_balanced_batches_place_rows_and_refuse_a_too_small_split(smoke_cfg):
+    engine = _engine(apply_overrides(smoke_cfg, {"data.seq_len": 4}))
+    one = BalancedBatches(RowStream(_Shard(rows=10), read_rows=3), engine, 4, 0, 1)
+    placed = [next(one) for _ in range(5)]  # 2 per epoch of 10 rows: crosses two boundaries
+    assert all(p.batch["input_ids"].shape == (4, 4) for p in placed)
+    assert placed[0].loss_weight == 1.0 and placed[0].global_batch == 4
+    too_small = BalancedBatches(RowStream(_Shard(rows=3)), engine, 4, 0, 1)
+    with pytest.raises(ValueError, match="too small for train.batch_size=4"):
+        next(too_small)
+
+
+def test_nan_guard_raises_before_the_step_and_keeps_the_weights(smoke_cfg):
+    engine = _engine(apply_overrides(smoke_cfg, {"data.seq_len": 16}))
+    engine.train_step(_batch(seed=1))
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    engine.model.register_forward_hook(lambda module, args, output: output * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="step 2: loss is nan on this worker, gradient norm nan"):
+        engine.train_step(_batch(seed=2))
+    assert engine.step == 1
+    for name, value in engine.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
