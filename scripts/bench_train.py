@@ -44,6 +44,10 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--slow-factor", type=float, default=2.0)
+    parser.add_argument("--articles", type=int, default=4000,
+                        help="synthetic corpus size: epochs long enough that the per-epoch "
+                             "restart of the Ray Data stream (about a second) is not what is "
+                             "measured")
     parser.add_argument("--model", nargs="*", default=["model.hidden_size=128",
                                                        "model.intermediate_size=512"],
                         help="overrides that size the model (key=value)")
@@ -55,6 +59,7 @@ def main() -> None:
         *args.model, f"train.batch_size={args.batch_size}", f"train.max_steps={args.steps}",
         "train.log_every=25", f"train.eval_every={args.steps}",
         f"train.checkpoint_every={args.steps}", f"data.out_dir={work / 'data'}",
+        f"data.synthetic_size={args.articles}",
         f"train.output_dir={work / 'runs'}", "train.num_threads=1", "train.precision=fp32"])
     start_ray(None)
 

@@ -262,6 +262,21 @@ def prepared_data(cfg: Config):
     return prepared.path, manifest
 
 
+def train_split(cfg: Config, data_path: str):
+    """The prepared train split as a Ray Dataset, materialized in the object store when
+    `ray.cache_train_split` says so."""
+    import ray
+
+    dataset = training_datasets(data_path, cfg.data, splits=("train",))["train"]
+    mode = cfg.ray.cache_train_split
+    if mode == "auto":
+        _, manifest = open_prepared(data_path, cfg.data)
+        # input_ids + attention_mask, int64 at most
+        size = manifest["splits"]["train"]["segments"] * cfg.data.seq_len * 2 * 8
+        mode = "on" if size <= ray.cluster_resources().get("object_store_memory", 0) / 4 else "off"
+    return dataset.materialize() if mode == "on" else dataset
+
+
 def build_trainer(cfg: Config, data_path: str, vocab_size: int, run_dir: Path, *,
                   kind: str = "diffusion", callbacks=()):
     """A TorchTrainer of `kind` whose Ray Train run is `run_dir` (storage = its parent, name =
@@ -287,7 +302,7 @@ def build_trainer(cfg: Config, data_path: str, vocab_size: int, run_dir: Path, *
             name=run_dir.name, storage_path=str(run_dir.parent), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep)),
-        datasets={"train": training_datasets(data_path, cfg.data, splits=("train",))["train"]},
+        datasets={"train": train_split(cfg, data_path)},
         dataset_config=UnevenSplit(("train",)),
     )
 
