@@ -161,9 +161,9 @@ class RayConfig:
     batch_shares: list = _field([])
     rebalance_every: int = _field(500, ge=0)  # steps between speed measurements; 0 = once
     # Keep the train split in Ray's object store, read once, rather than re-reading the Parquet
-    # shards every epoch (a second or more per epoch on small machines); "auto": when it takes
-    # at most a quarter of the cluster's object store
-    cache_train_split: Literal["auto", "on", "off"] = "auto"
+    # shards every epoch (a second or more per epoch on small machines); null (auto): when it
+    # takes at most a quarter of the cluster's object store
+    cache_train_split: bool | None = None
     balance_probe_passes: int = _field(3, ge=1)  # timed forward/backward passes per measurement
 
 

@@ -3,8 +3,12 @@ through `prepare_model` (gloo on CPU, NCCL on GPU), data from the prepared Parqu
 through `get_dataset_shard`, checkpoints through `ray.train.report` from rank 0.
 
     runs/<run_name>/            (train.output_dir, or ray.storage_path)
-      config.yaml  metrics.jsonl
+      config.yaml  metrics.jsonl  workers.json  balance.jsonl  tensorboard/
       step_00001000/            state.pt, config.yaml, tokenizer/ (as checkpoint.py writes)
+
+Local batches may differ between workers (`raydiff.train.balance`); the workers read the train
+split through `raydiff.train.ingest`; the driver shows and logs the reports through
+`raydiff.train.monitor`.
 
 Re-running the same run name resumes from the latest checkpoint (a new TorchTrainer with the
 same RunConfig name and storage path).
@@ -139,13 +143,11 @@ def worker_loop(config: dict) -> None:
 
     engine = ENGINES[config["kind"]](cfg, config["vocab_size"], device, precision,
                                      seed=cfg.train.seed, wrap_model=ray.train.torch.prepare_model)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            engine.load_state_dict(torch.load(Path(directory) / STATE_FILE, weights_only=False,
-                                              map_location="cpu"))
-
     run_dir = Path(config["run_dir"])
+    state = _resume_state(ray.train.get_checkpoint(), run_dir)
+    if state is not None:
+        engine.load_state_dict(state)
+
     if cfg.debug.slow_rank == rank and cfg.debug.slow_factor > 1:
         Throttle(engine.model, cfg.debug.slow_factor)
     stream = RowStream(ray.train.get_dataset_shard("train"), seed=cfg.train.seed + 1000 * rank)
@@ -174,6 +176,23 @@ def worker_loop(config: dict) -> None:
         if rank == 0:
             (run_dir / STOPPED_FILE).write_text(json.dumps(
                 {"step": engine.step, "reason": str(error)}))
+
+
+def _resume_state(checkpoint, run_dir: Path) -> dict | None:
+    """The state to resume from: the latest checkpoint of the run, whether or not Ray Train's
+    controller registered it. (The controller collects reports by polling; a worker that dies
+    right after reporting a checkpoint leaves it written to storage but unregistered, and the
+    restarted group would otherwise start from an older one, or from scratch.)"""
+    def step_of(path) -> int:
+        return int(Path(path).name.removeprefix("step_"))
+
+    on_disk = latest_checkpoint(run_dir)
+    if checkpoint is not None and (on_disk is None or step_of(checkpoint.path) >= step_of(on_disk)):
+        with checkpoint.as_directory() as directory:
+            return torch.load(Path(directory) / STATE_FILE, weights_only=False, map_location="cpu")
+    if on_disk is not None:
+        return torch.load(on_disk / STATE_FILE, weights_only=False, map_location="cpu")
+    return None
 
 
 def _poison_when_due(engine, step: int) -> None:
@@ -268,13 +287,13 @@ def train_split(cfg: Config, data_path: str):
     import ray
 
     dataset = training_datasets(data_path, cfg.data, splits=("train",))["train"]
-    mode = cfg.ray.cache_train_split
-    if mode == "auto":
+    cache = cfg.ray.cache_train_split
+    if cache is None:
         _, manifest = open_prepared(data_path, cfg.data)
         # input_ids + attention_mask, int64 at most
         size = manifest["splits"]["train"]["segments"] * cfg.data.seq_len * 2 * 8
-        mode = "on" if size <= ray.cluster_resources().get("object_store_memory", 0) / 4 else "off"
-    return dataset.materialize() if mode == "on" else dataset
+        cache = size <= ray.cluster_resources().get("object_store_memory", 0) / 4
+    return dataset.materialize() if cache else dataset
 
 
 def build_trainer(cfg: Config, data_path: str, vocab_size: int, run_dir: Path, *,

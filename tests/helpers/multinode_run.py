@@ -41,7 +41,7 @@ def main(config: str, out_dir: str) -> None:
             "ray.worker_resources.raydiff_slot=1", "train.max_steps=10", "train.log_every=5",
             "train.eval_every=10", "train.checkpoint_every=10",
             "data.synthetic_size=200",
-            "ray.cache_train_split=off",  # streamed from Parquet (the other tests cache it)
+            "ray.cache_train_split=false",  # streamed from Parquet (the other tests cache it)
             f"data.out_dir={out_dir}/data", f"train.output_dir={out_dir}/runs"])
         run = train_on_ray(cfg)
         print(json.dumps({
