@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Preparation throughput, printed as JSON: `raydiff prepare` (Ray Data) on 1 and 2 CPUs against
-a single-process baseline doing the same cleaning, segmentation, de-duplication, tokenizer
-training, tokenization and Parquet writing without Ray. Ray's start-up is reported apart.
+a single-process baseline running the same stages (cleaning, segmentation, splitting into
+words, de-duplication, vocabulary, ids, Parquet writing) without Ray. Ray's start-up is
+reported apart; every measurement is repeated and the median reported.
 
     python scripts/bench_data.py [--source ../shared/data/reuters21578/reuters21578.jsonl.gz]
-                                 [--cpus 1 2] [--max-articles N]
+                                 [--cpus 1 2] [--max-articles N] [--repeat 3]
 
 Each Ray measurement runs in a fresh subprocess with `ray.init(num_cpus=k)`; starting Ray and
 a first tiny Ray Data job (which starts Ray Data's stats actor and the worker processes, and
@@ -23,10 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "reuters21578" / "reuters21578.jsonl.gz"
 
@@ -43,48 +40,36 @@ def input_megabytes(source: str) -> float:
 
 
 def baseline(source: str, max_articles: int | None) -> dict:
-    """The same work in one process and one thread, no Ray (the tokenizer library would
-    otherwise use every core, which a 1-CPU Ray task does not)."""
+    """The same stages in one process and one thread, no Ray: the file's lines through
+    `SegmentRecords` as one batch, then `assemble` and `write_output` (the tokenizer library
+    would otherwise use every core, which a 1-CPU Ray task does not)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from raydiff.config import load_config
-    from raydiff.data.blocks import encode_fixed
-    from raydiff.data.corpus import SPLITS, article_from_row, article_segments, split_of
-    from raydiff.data.tokenizer import train_word_tokenizer
+    from raydiff.data.assemble import assemble
+    from raydiff.data.pipeline import SegmentRecords, explode_files, kept_records, write_output
+    from raydiff.data.storage import Location
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, _overrides(source, out, max_articles)).data
         start = time.perf_counter()
-        rank_of = {"valid": 0, "test": 1, "train": 2}
-        best: dict[str, int] = {}
-        n_articles = 0
-        with gzip.open(source, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if max_articles and n_articles >= max_articles:
-                    break
-                try:
-                    article = article_from_row(json.loads(line), cfg, str(i))
-                except json.JSONDecodeError:
-                    continue
-                if article is None:
-                    continue
-                n_articles += 1
-                rank = rank_of[split_of(article["id"], cfg.valid_fraction, cfg.test_fraction)]
-                for seg in article_segments(article["text"], cfg):
-                    best[seg] = min(rank, best.get(seg, 3))
-        segments = list(best)
-        split_of_rank = np.array([SPLITS.index("valid"), SPLITS.index("test"),
-                                  SPLITS.index("train")])
-        splits = split_of_rank[np.array([best[s] for s in segments])]
-        tokenizer = train_word_tokenizer((s for s, r in best.items() if r == 2), cfg.vocab_size)
-        ids, mask = encode_fixed(tokenizer.backend_tokenizer, segments, cfg.seq_len)
-        for index, split in enumerate(SPLITS):
-            keep = splits == index
-            Path(out, split).mkdir()
-            pq.write_table(pa.table({"input_ids": list(ids[keep]),
-                                     "attention_mask": list(mask[keep])}),
-                           Path(out, split, "part-0.parquet"))
+        lines = explode_files({"path": [source], "bytes": [Path(source).read_bytes()]})
+        records = SegmentRecords(cfg, file_index={source: 0})(lines).sort_by("order")
+        kept = kept_records(records, cfg)
+        assembled = assemble(kept, cfg.vocab_size, cfg.seq_len, cfg.lowercase)
+        per_split = write_output(Location.of(out, cfg), assembled)
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "articles": n_articles, "segments": len(segments)}
+    return {"seconds": seconds, "articles": kept.num_rows,
+            "segments": sum(s["segments"] for s in per_split.values())}
+
+
+def baseline_run(source: str, max_articles: int | None) -> dict:
+    """`baseline` in a fresh interpreter, like each Ray run (imports paid every time)."""
+    command = [sys.executable, __file__, "--source", source, "--baseline-only"]
+    command += ["--max-articles", str(max_articles)] if max_articles else []
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"baseline failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
 
 
 def ray_run(source: str, cpus: int, max_articles: int | None) -> dict:
@@ -112,7 +97,8 @@ with tempfile.TemporaryDirectory() as out:
     m = prepare(cfg).manifest
     seconds = time.perf_counter() - t1
 print("RESULT" + json.dumps({{"ray_startup_s": startup, "seconds": seconds,
-                             "articles": m["articles"], "segments": m["segments"]}}))
+                             "articles": m["articles"], "segments": m["segments"],
+                             "timings": m["timings"]}}))
 ray.shutdown()
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -123,30 +109,47 @@ ray.shutdown()
     raise RuntimeError(f"ray run with {cpus} CPUs failed:\n{proc.stderr[-3000:]}")
 
 
+def _median_run(runs: list[dict], mb: float) -> dict:
+    """The run with the median time, its throughput, and every run's seconds (the shared host's
+    noise is tens of percent from run to run)."""
+    median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    return median | {"mb_per_s": mb / median["seconds"],
+                     "segments_per_s": median["segments"] / median["seconds"],
+                     "all_seconds": [round(r["seconds"], 2) for r in runs]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(DEFAULT_SOURCE))
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--max-articles", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per measurement, the median reported (default 3)")
+    parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not Path(args.source).exists():
         sys.exit(f"error: {args.source}: no such file (the benchmark reads ../shared/data)")
+    if args.baseline_only:
+        print(json.dumps(baseline(args.source, args.max_articles)))
+        return
 
     mb = input_megabytes(args.source)
     results = {"source": args.source, "input_mb_uncompressed": mb,
-               "max_articles": args.max_articles}
-    base = baseline(args.source, args.max_articles)
-    results["baseline"] = base | {"mb_per_s": mb / base["seconds"],
-                                  "segments_per_s": base["segments"] / base["seconds"]}
-    for cpus in args.cpus:
-        r = ray_run(args.source, cpus, args.max_articles)
-        results[f"ray_{cpus}cpu"] = r | {"mb_per_s": mb / r["seconds"],
-                                         "segments_per_s": r["segments"] / r["seconds"]}
+               "max_articles": args.max_articles, "repeat": args.repeat}
+    # interleaved, so that a slow spell on the host does not fall on one measurement only
+    runs: dict[str, list[dict]] = {"baseline": []} | {f"ray_{c}cpu": [] for c in args.cpus}
+    for _ in range(args.repeat):
+        runs["baseline"].append(baseline_run(args.source, args.max_articles))
+        for cpus in args.cpus:
+            runs[f"ray_{cpus}cpu"].append(ray_run(args.source, cpus, args.max_articles))
+    for name, measured in runs.items():
+        results[name] = _median_run(measured, mb)
     if "ray_1cpu" in results and "ray_2cpu" in results:
         results["speedup_2cpu_over_1cpu"] = (results["ray_1cpu"]["seconds"]
                                              / results["ray_2cpu"]["seconds"])
     if "ray_1cpu" in results:
-        results["ray_1cpu_over_baseline_time"] = results["ray_1cpu"]["seconds"] / base["seconds"]
+        results["ray_1cpu_over_baseline_time"] = (results["ray_1cpu"]["seconds"]
+                                                  / results["baseline"]["seconds"])
     print(json.dumps(results, indent=2))
 
 

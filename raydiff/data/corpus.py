@@ -20,7 +20,7 @@ from raydiff.data.blocks import encode_blocks
 from raydiff.data.storage import DataError, local_files
 from raydiff.data.synthetic import synthetic_news
 from raydiff.data.text import clean_text, compile_boilerplate, pack_segments, segment
-from raydiff.data.tokenizer import train_word_tokenizer
+from raydiff.data.tokenizer import SPECIAL_TOKENS, train_word_tokenizer
 
 SPLITS = ("train", "valid", "test")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
@@ -84,8 +84,10 @@ def article_from_row(row: object, cfg: DataConfig, fallback_id: str) -> dict[str
 def article_segments(text: str, cfg: DataConfig) -> list[str]:
     """Clean one article (lower-cased if configured) and cut it into training segments,
     packed into blocks of up to seq_len tokens when `data.pack` is set."""
+    # a "[PAD]" written in the text would be encoded as padding: special tokens go
     text = clean_text(text, remove_tickers=cfg.remove_tickers,
-                      boilerplate=_boilerplate(tuple(cfg.boilerplate_patterns)))
+                      boilerplate=_boilerplate(tuple(cfg.boilerplate_patterns)),
+                      literals=SPECIAL_TOKENS)
     if cfg.lowercase:
         text = text.lower()
     segments = segment(text, min_words=cfg.min_words, max_words=cfg.max_words)

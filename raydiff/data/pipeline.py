@@ -2,9 +2,11 @@
 with Ray Data doing the work so that it scales from a laptop to a cluster.
 
     pass 1 (Ray Data, parallel): files (local / s3) --read_binary_files--> lines, or hub /
-        synthetic rows --> parse + clean + segment --> one row per record (status, segments)
-    driver: status counts, exact-duplicate removal, tokenizer training (train split only)
-    pass 2 (Ray Data, parallel): unique segments --> tokenize --> Parquet shards per split
+        synthetic rows --> parse + clean + segment + split into words (the tokenizer's Rust
+        pre-tokenization, the heavy part) --> one row per record (status, segments, words)
+    driver (`assemble`, Arrow and numpy kernels): status counts, exact-duplicate removal,
+        word counts of the train split -> vocabulary -> tokenizer, word -> id lookups,
+        fixed-length blocks, Parquet shards per split
 
 Output (the layout trainers and evaluation read):
 
@@ -30,17 +32,16 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydiff.config import SECRET_KEYS, DataConfig
-from raydiff.data.blocks import encode_fixed
+from raydiff.data.assemble import RANK_OF_SPLIT, SPLIT_OF_RANK, Assembled, assemble
 from raydiff.data.corpus import SPLITS, article_from_row, article_segments, parse_line, split_of
 from raydiff.data.storage import (
     DataError,
@@ -51,10 +52,11 @@ from raydiff.data.storage import (
     local_files,
 )
 from raydiff.data.synthetic import synthetic_news
-from raydiff.data.tokenizer import UNK_ID, train_word_tokenizer
+from raydiff.data.tokenizer import UNK_ID, save_word_tokenizer, word_tokens
 
 MANIFEST = "manifest.json"
 MAX_LINE_BYTES = 1 << 20  # a line over 1 MiB is not an article
+SHARD_ROWS = 50_000  # rows per Parquet shard
 STATUSES = ("ok", "malformed_json", "invalid_utf8", "empty_text", "too_long", "empty_file")
 SECRET_FIELDS = {key.split(".", 1)[1] for key in SECRET_KEYS}
 
@@ -135,7 +137,7 @@ def _hub_rows(cfg: DataConfig):
 # ----------------------------------------------------------------------------- stages (per batch)
 
 
-def _explode_files(batch: dict) -> dict:
+def explode_files(batch: dict) -> dict:
     """One row per line of each file: {"path", "lineno", "raw": bytes}; empty files -> a marker."""
     paths, linenos, raws = [], [], []
     for path, data in zip(batch["path"], batch["bytes"], strict=True):
@@ -158,14 +160,19 @@ def _parquet_rows_as_json(data: bytes) -> list[bytes]:
 
 class SegmentRecords:
     """Lines (files) or rows (tables) -> one output row per input record: its status, its
-    position in the input (for a deterministic `max_articles`), its split, and its segments.
-    Parsing, cleaning and segmentation are fused into this one stage."""
+    position in the input (for a deterministic `max_articles`), its split, its segments, and
+    (when `tokenize`) each segment's words as the tokenizer splits them. Parsing, cleaning,
+    segmentation and the tokenizer's Rust work are fused into this one parallel stage; the
+    driver is left with counting and table lookups (`assemble`)."""
 
-    RANK_OF_SPLIT = {"valid": 0, "test": 1, "train": 2}  # held-out splits win duplicates
+    SCHEMA = pa.schema([("status", pa.string()), ("order", pa.int64()), ("rank", pa.int8()),
+                        ("segments", pa.list_(pa.string())),
+                        ("tokens", pa.list_(pa.list_(pa.string())))])
 
     def __init__(self, cfg: DataConfig, file_index: dict[str, int] | None = None,
-                 id_prefix: str = ""):
+                 id_prefix: str = "", tokenize: bool = True):
         self.cfg, self.file_index, self.id_prefix = cfg, file_index, id_prefix
+        self.tokenize = tokenize
 
     def _parse_line(self, path: str, lineno: int, raw: bytes) -> tuple[str, dict | None]:
         if lineno < 0:
@@ -192,9 +199,6 @@ class SegmentRecords:
             article = article_from_row(row, self.cfg, f"{self.id_prefix}:{row['_row']}")
             yield row["_row"], ("ok" if article else "empty_text"), article
 
-    SCHEMA = pa.schema([("status", pa.string()), ("order", pa.int64()), ("rank", pa.int8()),
-                        ("segments", pa.list_(pa.string()))])
-
     def __call__(self, batch: dict) -> pa.Table:
         statuses, orders, ranks, segments = [], [], [], []
         for order, status, article in self._records(batch):
@@ -205,24 +209,25 @@ class SegmentRecords:
                 segments.append([])
                 continue
             split = split_of(article["id"], self.cfg.valid_fraction, self.cfg.test_fraction)
-            ranks.append(self.RANK_OF_SPLIT[split])
+            ranks.append(RANK_OF_SPLIT[split])
             segments.append(article_segments(article["text"], self.cfg))
-        return pa.table([statuses, orders, ranks, segments], schema=self.SCHEMA)
+        segment_lists = pa.array(segments, pa.list_(pa.string()))
+        words = self._words(segment_lists.flatten().to_pylist())  # per segment
+        tokens = pa.ListArray.from_arrays(segment_lists.offsets, words)  # per record
+        return pa.table([statuses, orders, ranks, segment_lists, tokens], schema=self.SCHEMA)
+
+    def _words(self, texts: list[str]) -> pa.Array:
+        if not self.tokenize or not texts:
+            return pa.array([[] for _ in texts], pa.list_(pa.string()))
+        # a Ray task holds one CPU: the tokenizer's own thread pool would take every core of
+        # the node and fight the other tasks for them
+        if _in_ray_worker():
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        return word_tokens(texts, lowercase=self.cfg.lowercase)
 
 
 def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer_from_json(tokenizer_json: str):
-    # a Ray task holds one CPU: the tokenizer's own thread pool would take every core of the
-    # node and fight the other tasks for them
-    if _in_ray_worker():
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(tokenizer_json)
 
 
 def _in_ray_worker() -> bool:
@@ -232,40 +237,6 @@ def _in_ray_worker() -> bool:
         return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
     except Exception:
         return False
-
-
-class TokenizeAndWrite:
-    """Tokenize a block of unique segments and write one Parquet shard per split it holds,
-    straight from the task (no extra pass); return one metadata row per shard. The tokenizer
-    travels as JSON, so any node can rebuild it."""
-
-    def __init__(self, tokenizer_json: str, seq_len: int, stage: Location):
-        self.tokenizer_json, self.seq_len, self.stage = tokenizer_json, seq_len, stage
-
-    def __call__(self, batch: dict) -> dict:
-        ids, mask = encode_fixed(_tokenizer_from_json(self.tokenizer_json),
-                                 list(batch["segment"]), self.seq_len)
-        splits = np.asarray(batch["split"])
-        rows: dict[str, list] = {k: [] for k in ("split", "shard", "segments", "tokens", "unk",
-                                                 "pad")}
-        for index, split in enumerate(SPLITS):
-            keep = splits == index
-            if not keep.any():
-                continue
-            shard = f"part-{uuid.uuid4().hex[:16]}.parquet"
-            table = pa.table({"input_ids": _fixed_lists(ids[keep]),
-                              "attention_mask": _fixed_lists(mask[keep]),
-                              "row_id": np.asarray(batch["row_id"])[keep]})
-            with self.stage.fs.open(f"{self.stage.uri}/{split}/{shard}", "wb") as f:
-                pq.write_table(table, f)
-            m = mask[keep]
-            rows["split"].append(split)
-            rows["shard"].append(shard)
-            rows["segments"].append(int(keep.sum()))
-            rows["tokens"].append(int(m.sum()))
-            rows["unk"].append(int(((ids[keep] == UNK_ID) & (m == 1)).sum()))
-            rows["pad"].append(int((m == 0).sum()))
-        return rows
 
 
 def _fixed_lists(matrix: np.ndarray) -> pa.FixedSizeListArray:
@@ -305,26 +276,42 @@ def prepare(cfg: DataConfig) -> PreparedData:
     return _prepare(cfg, source, out)
 
 
-def _records(cfg: DataConfig, source: Source, parallelism: int):
-    """Pass 1 as a lazy dataset: one row per input record with status, order, rank, segments."""
+def _records(cfg: DataConfig, source: Source, parallelism: int, tokenize: bool = True):
+    """Pass 1 as a lazy dataset: one row per input record (see `SegmentRecords`)."""
     import ray.data
 
+    stage = functools.partial(SegmentRecords, cfg, tokenize=tokenize)
+    blocks = max(2, 2 * parallelism)  # a few per CPU: tasks of unequal length even out
     if source.kind == "files":
         lines = ray.data.read_binary_files(
             [source.location.ray_path(f) for f in source.files], include_paths=True,
             filesystem=source.location.arrow_filesystem())
         file_index = {source.location.ray_path(f): i for i, f in enumerate(source.files)}
-        return (lines.map_batches(_explode_files, batch_size=1)
-                .repartition(max(2, 2 * parallelism))
-                .map_batches(SegmentRecords(cfg, file_index=file_index), batch_size=None))
+        return (lines.map_batches(explode_files, batch_size=1).repartition(blocks)
+                .map_batches(stage(file_index=file_index), batch_size=None))
     if source.kind == "hub":
         table = _hub_rows(cfg)
         rows = ray.data.from_arrow(table.append_column("_row", pa.array(
-            np.arange(table.num_rows)))).repartition(max(2, 2 * parallelism))
+            np.arange(table.num_rows)))).repartition(blocks)
     else:
         rows = ray.data.from_items([dict(a, _row=i) for i, a in enumerate(
             synthetic_news(cfg.synthetic_size, cfg.seed))])
-    return rows.map_batches(SegmentRecords(cfg, id_prefix=source.name), batch_size=None)
+    return rows.map_batches(stage(id_prefix=source.name), batch_size=None)
+
+
+def _gather(dataset) -> pa.Table:
+    """Run pass 1 and bring its records to the driver, in input order."""
+    import ray
+
+    blocks = ray.get(dataset.to_arrow_refs())
+    return pa.concat_tables([b.cast(SegmentRecords.SCHEMA) for b in blocks if b.num_rows]
+                            or [SegmentRecords.SCHEMA.empty_table()]).sort_by("order")
+
+
+def kept_records(records: pa.Table, cfg: DataConfig) -> pa.Table:
+    """The articles that parsed, the first `max_articles` of them when that is set."""
+    ok = records.filter(pc.equal(records["status"], "ok"))
+    return ok if cfg.max_articles is None else ok.slice(0, cfg.max_articles)
 
 
 def read_segments(cfg: DataConfig) -> dict[str, list[str]]:
@@ -333,79 +320,40 @@ def read_segments(cfg: DataConfig) -> dict[str, list[str]]:
     import ray
 
     parallelism = max(1, int(ray.available_resources().get("CPU", 1)))
-    blocks = ray.get(_records(cfg, resolve_source(cfg), parallelism).to_arrow_refs())
-    records = pa.concat_tables([b.cast(SegmentRecords.SCHEMA) for b in blocks if b.num_rows]
-                               or [SegmentRecords.SCHEMA.empty_table()]).sort_by("order")
-    records = records.filter(pa.compute.equal(records["status"], "ok"))
-    if cfg.max_articles is not None:
-        records = records.slice(0, cfg.max_articles)
-    split_of_rank = {rank: split for split, rank in SegmentRecords.RANK_OF_SPLIT.items()}
+    dataset = _records(cfg, resolve_source(cfg), parallelism, tokenize=False)
+    records = kept_records(_gather(dataset), cfg)
     out: dict[str, list[str]] = {split: [] for split in SPLITS}
     for rank, segs in zip(records["rank"].to_pylist(), records["segments"].to_pylist(),
                           strict=True):
-        out[split_of_rank[rank]] += segs
+        out[SPLIT_OF_RANK[rank]] += segs
     return out
 
 
 def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
     import ray
-    import ray.data
 
     started = time.perf_counter()
     parallelism = max(1, int(ray.available_resources().get("CPU", 1)))
 
-    # pass 1 (parallel): parse, clean, segment
-    blocks = ray.get(_records(cfg, source, parallelism).to_arrow_refs())
-    records = pa.concat_tables([b.cast(SegmentRecords.SCHEMA) for b in blocks if b.num_rows]
-                               or [SegmentRecords.SCHEMA.empty_table()]).sort_by("order")
+    # pass 1 (parallel): parse, clean, segment, split into words
+    records = _gather(_records(cfg, source, parallelism))
     statuses, counts = np.unique(records["status"].to_numpy(zero_copy_only=False),
                                  return_counts=True)
     counts = dict(zip(statuses.tolist(), counts.tolist(), strict=True))
-    ok = records.filter(pa.compute.equal(records["status"], "ok"))
-    if cfg.max_articles is not None:
-        ok = ok.slice(0, cfg.max_articles)
+    timings = {"pass1_s": time.perf_counter() - started}
 
-    # on the driver, which must see all training text anyway to train the tokenizer:
-    # exact duplicates collapse to one segment, kept in the most held-out split it occurs in
-    rank_of: dict[str, int] = {}
-    n_segments_total = 0
-    for rank, segs in zip(ok["rank"].to_pylist(), ok["segments"].to_pylist(), strict=True):
-        n_segments_total += len(segs)
-        for seg in segs:
-            if rank < rank_of.get(seg, 3):
-                rank_of[seg] = rank
-    if not rank_of:
+    # the driver: de-duplicate, count the training words, build the tokenizer, look up ids
+    kept = kept_records(records, cfg)
+    if not pc.sum(pc.list_value_length(kept["segments"])).as_py():
         raise DataError(f"data.source={cfg.source}: no segments after cleaning "
                         f"(line statuses: {counts})")
-    split_of_rank = [SPLITS.index("valid"), SPLITS.index("test"), SPLITS.index("train")]
-    tokenizer = train_word_tokenizer(
-        (s for s, r in rank_of.items() if r == SegmentRecords.RANK_OF_SPLIT["train"]),
-        cfg.vocab_size, lowercase=cfg.lowercase)
+    assembled = assemble(kept, cfg.vocab_size, cfg.seq_len, cfg.lowercase)
+    timings["assemble_s"] = time.perf_counter() - started - timings["pass1_s"]
 
     with _staging(out) as stage:
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer.save_pretrained(tmp)
-            stage.fs.put(tmp + "/", stage.child("tokenizer").uri + "/", recursive=True)
-        for split in SPLITS:
-            stage.fs.makedirs(stage.child(split).uri, exist_ok=True)
-        # pass 2 (parallel): tokenize and write the shards
-        unique = pa.table({"segment": list(rank_of),
-                           "row_id": np.arange(len(rank_of), dtype=np.int64),
-                           "split": np.array([split_of_rank[r] for r in rank_of.values()],
-                                             dtype=np.int8)})
-        n_blocks = max(2 * parallelism, -(-unique.num_rows // 50_000))
-        step = -(-unique.num_rows // n_blocks)
-        pieces = [unique.slice(i, step) for i in range(0, unique.num_rows, step)]
-        shards = (ray.data.from_arrow(pieces)
-                  .map_batches(TokenizeAndWrite(tokenizer.backend_tokenizer.to_str(),
-                                                cfg.seq_len, stage), batch_size=None)
-                  .take_all())
-        per_split = {}
-        for split in SPLITS:
-            mine = [r for r in shards if r["split"] == split]
-            per_split[split] = {
-                key: sum(int(r[key]) for r in mine) for key in ("segments", "tokens", "unk", "pad")
-            } | {"shards": sorted(r["shard"] for r in mine)}
+        per_split = write_output(stage, assembled)
+        timings["write_s"] = (time.perf_counter() - started - timings["pass1_s"]
+                              - timings["assemble_s"])
         n_segments = sum(s["segments"] for s in per_split.values())
         tokens = sum(s["tokens"] for s in per_split.values())
         manifest = {
@@ -413,17 +361,45 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
             "fingerprint": fingerprint(cfg, source),
             "data_config": {k: v for k, v in dataclasses.asdict(cfg).items()
                             if k not in SECRET_FIELDS},
-            "articles": ok.num_rows, "lines": sum(counts.values()),
+            "articles": kept.num_rows, "lines": sum(counts.values()),
             "skipped": {k: counts.get(k, 0) for k in STATUSES if k != "ok"},
-            "segments_before_dedup": n_segments_total, "segments": n_segments,
-            "tokens": tokens, "vocab_size": len(tokenizer),
+            "segments_before_dedup": assembled.segments_before_dedup, "segments": n_segments,
+            "tokens": tokens, "vocab_size": assembled.tokenizer.get_vocab_size(),
             "oov_rate": sum(s["unk"] for s in per_split.values()) / max(tokens, 1),
             "pad_fraction": sum(s["pad"] for s in per_split.values())
             / max(1, cfg.seq_len * n_segments),
             "splits": per_split, "seconds": time.perf_counter() - started,
+            "timings": timings,
         }
         stage.child(MANIFEST).write_text_atomic(json.dumps(manifest, indent=2))
     return PreparedData(out, manifest, reused=False)
+
+
+def write_output(stage: Location, assembled: Assembled) -> dict[str, dict]:
+    """The tokenizer and every split's shards under `stage`; per-split statistics."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_word_tokenizer(assembled.tokenizer, tmp)
+        stage.fs.put(tmp + "/", stage.child("tokenizer").uri + "/", recursive=True)
+    return {split: _write_split(stage, split, blocks) for split, blocks in assembled.splits.items()}
+
+
+def _write_split(stage: Location, split: str, blocks: dict[str, np.ndarray]) -> dict:
+    """One split's blocks as Parquet shards of up to SHARD_ROWS rows; their statistics."""
+    ids, mask = blocks["input_ids"], blocks["attention_mask"]
+    stage.fs.makedirs(stage.child(split).uri, exist_ok=True)
+    shards = []
+    for index, start in enumerate(range(0, len(ids), SHARD_ROWS)):
+        rows = slice(start, start + SHARD_ROWS)
+        shard = f"part-{index:05d}.parquet"
+        table = pa.table({"input_ids": _fixed_lists(ids[rows]),
+                          "attention_mask": _fixed_lists(mask[rows]),
+                          "row_id": blocks["row_id"][rows]})
+        with stage.fs.open(f"{stage.uri}/{split}/{shard}", "wb") as f:
+            pq.write_table(table, f)
+        shards.append(shard)
+    return {"segments": int(len(ids)), "tokens": int(mask.sum()),
+            "unk": int(((ids == UNK_ID) & (mask == 1)).sum()), "pad": int((mask == 0).sum()),
+            "shards": shards}
 
 
 class _staging:

@@ -15,10 +15,13 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 
 
 def clean_text(text: str, *, remove_tickers: bool = True,
-               boilerplate: re.Pattern | None = None) -> str:
+               boilerplate: re.Pattern | None = None, literals: tuple[str, ...] = ()) -> str:
     """Unicode (NFKC) and whitespace normalisation, HTML entities and tags removed, optional
-    ticker tags and boilerplate removed; keeps lines."""
+    ticker tags, boilerplate and literal strings (a tokenizer's special tokens) removed;
+    keeps lines."""
     text = unicodedata.normalize("NFKC", html.unescape(text))
+    for literal in literals:
+        text = text.replace(literal, " ")
     if remove_tickers:
         text = _TICKER.sub(" ", text)
     if boilerplate is not None:

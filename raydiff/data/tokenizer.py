@@ -1,36 +1,126 @@
 """A word-level tokenizer (the `tokenizers` library), saved so that
-`transformers.AutoTokenizer.from_pretrained(dir)` loads it."""
+`transformers.AutoTokenizer.from_pretrained(dir)` loads it.
+
+Two ways to the same tokenizer: `train_word_tokenizer` runs the library's trainer over texts in
+one process; the Ray Data pipeline splits each block's texts into words on the workers
+(`word_tokens`, with the tokenizer's own normalizer and pre-tokenizer), counts the words of the whole training split on the driver, and builds the
+tokenizer from those counts (`select_vocabulary`, `tokenizer_from_vocabulary`) by the trainer's
+own rule, so the result is identical (tested).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pyarrow as pa
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.trainers import WordLevelTrainer
+
+from raydiff.data.text import WORD_OR_PUNCT
 
 if TYPE_CHECKING:  # transformers costs seconds to import: Ray Data workers never need it
     from transformers import PreTrainedTokenizerFast
 
 PAD, UNK = "[PAD]", "[UNK]"
 PAD_ID, UNK_ID = 0, 1
+SPECIAL_TOKENS = (PAD, UNK)
+
+
+def _word_pipeline(model: WordLevel, lowercase: bool) -> Tokenizer:
+    """NFKC (and lower-casing) -> words and runs of punctuation -> WordLevel ids."""
+    tok = Tokenizer(model)
+    steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    return tok
+
+
+def _trained(texts: Iterable[str], vocab_size: int, lowercase: bool) -> Tokenizer:
+    tok = _word_pipeline(WordLevel(unk_token=UNK), lowercase)
+    trainer = WordLevelTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                               min_frequency=1)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _fast(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK)
 
 
 def train_word_tokenizer(texts: Iterable[str], vocab_size: int,
                          lowercase: bool = True) -> PreTrainedTokenizerFast:
     """Keep the `vocab_size - 2` most frequent words (plus PAD = 0 and UNK = 1)."""
-    tok = Tokenizer(WordLevel(unk_token=UNK))
-    steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
-    tok.normalizer = normalizers.Sequence(steps)
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
-    trainer = WordLevelTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK], min_frequency=1)
-    tok.train_from_iterator(texts, trainer=trainer)
-    from transformers import PreTrainedTokenizerFast
+    return _fast(_trained(texts, vocab_size, lowercase))
 
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK)
+
+def word_tokens(texts: Sequence[str], lowercase: bool = True) -> pa.ListArray:
+    """Each text as the tokenizer splits it into words (normalized words and runs of
+    punctuation), as its trainer counts them: list<string>, one list per text.
+
+    One pass of the library's Rust code: a WordLevel model over the words Python's regex finds
+    (the same pattern as the Whitespace pre-tokenizer) encodes the texts; where the Rust
+    normalizer or pre-tokenizer makes a word that regex did not (it comes back as UNK), that
+    text is split by the Rust pre-tokenizer itself. The result is exact either way.
+
+    The final tokenizer maps these words to the same ids as its own `encode` when no text holds
+    a special token literally (which it would match before splitting): `article_segments`
+    takes them out of the corpus."""
+    texts = list(texts)
+    vocabulary = [UNK, *set(WORD_OR_PUNCT.findall("\n".join(texts)))]  # UNK = local id 0
+    index = {word: i for i, word in enumerate(vocabulary)}
+    tok = _word_pipeline(WordLevel(index, unk_token=UNK), lowercase)
+    ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    for i, text_ids in enumerate(ids):
+        if 0 in text_ids:  # a word the regex did not see
+            words = [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(
+                tok.normalizer.normalize_str(texts[i]))]
+            for word in words:
+                if word not in index:
+                    index[word] = len(vocabulary)
+                    vocabulary.append(word)
+            ids[i] = [index[w] for w in words]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
+                       count=int(lengths.sum()))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets),
+                                    pa.array(vocabulary, pa.string()).take(pa.array(flat)))
+
+
+def select_vocabulary(words: Sequence[str], counts: Sequence[int], vocab_size: int) -> list[str]:
+    """The trainer's rule: the special tokens, then words by count (descending), ties by the
+    word's code points, up to `vocab_size` in all. Index = token id."""
+    ranked = sorted((w for w in zip(words, counts, strict=True) if w[0] not in SPECIAL_TOKENS),
+                    key=lambda wc: (-wc[1], wc[0]))
+    return list(SPECIAL_TOKENS) + [w for w, _ in ranked[:max(0, vocab_size - len(SPECIAL_TOKENS))]]
+
+
+def tokenizer_from_vocabulary(vocabulary: Sequence[str], lowercase: bool = True) -> Tokenizer:
+    """The tokenizer `train_word_tokenizer` would have trained to this vocabulary."""
+    tok = _word_pipeline(WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token=UNK),
+                         lowercase)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))  # as the trainer registers them
+    return tok
+
+
+def save_word_tokenizer(tok: Tokenizer, directory: str | Path) -> None:
+    """`tokenizer.json` and the `tokenizer_config.json` that `AutoTokenizer.from_pretrained`
+    reads, written without importing transformers (over a second of start-up on the driver).
+    The class named, PreTrainedTokenizerFast, loads in transformers 4 and 5 alike."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": PAD, "unk_token": UNK}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> None:

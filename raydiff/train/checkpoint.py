@@ -63,13 +63,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step a checkpoint directory (`step_<step>`) holds; None for any other name."""
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def latest_checkpoint(path: str | Path) -> Path | None:
     """The newest complete checkpoint under a run directory or a checkpoints directory."""
     path = Path(path)
     for root in (path / "checkpoints", path):
         if root.is_dir():
-            steps = sorted((int(m.group(1)), p) for p in root.iterdir()
-                           if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists())
+            steps = sorted((step, p) for p in root.iterdir()
+                           if (step := checkpoint_step(p)) is not None
+                           and (p / STATE_FILE).exists())
             if steps:
                 return steps[-1][1]
     return None

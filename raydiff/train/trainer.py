@@ -30,7 +30,12 @@ from raydiff.data.corpus import chunk_batches
 from raydiff.data.pipeline import open_prepared, prepare, read_split_blocks, training_datasets
 from raydiff.data.tokenizer import load_tokenizer
 from raydiff.train.balance import BalancedBatches, PlacedBatch, Throttle
-from raydiff.train.checkpoint import STATE_FILE, latest_checkpoint, write_checkpoint_files
+from raydiff.train.checkpoint import (
+    STATE_FILE,
+    checkpoint_step,
+    latest_checkpoint,
+    write_checkpoint_files,
+)
 from raydiff.train.engine import NonFiniteLossError
 from raydiff.train.kinds import ENGINES
 from raydiff.train.loop import LoopResult, train_loop
@@ -183,11 +188,9 @@ def _resume_state(checkpoint, run_dir: Path) -> dict | None:
     controller registered it. (The controller collects reports by polling; a worker that dies
     right after reporting a checkpoint leaves it written to storage but unregistered, and the
     restarted group would otherwise start from an older one, or from scratch.)"""
-    def step_of(path) -> int:
-        return int(Path(path).name.removeprefix("step_"))
-
     on_disk = latest_checkpoint(run_dir)
-    if checkpoint is not None and (on_disk is None or step_of(checkpoint.path) >= step_of(on_disk)):
+    if checkpoint is not None and (
+            on_disk is None or checkpoint_step(checkpoint.path) >= checkpoint_step(on_disk)):
         with checkpoint.as_directory() as directory:
             return torch.load(Path(directory) / STATE_FILE, weights_only=False, map_location="cpu")
     if on_disk is not None:
