@@ -40,24 +40,20 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         cfg = apply_overrides(cfg, {"train.run_name": f"{cfg.train.run_name}-reference"})
     try:
         if args.no_ray:
+            run_dir = run_directory(cfg)
             run = train_local(cfg, console=console, kind=kind)
             metrics, steps = run.result.last_metrics, run.result.step
         else:
             from raydiff.train.trainer import ray_run_directory, train_on_ray
 
+            run_dir = ray_run_directory(cfg)
             _quiet_ray_logs()
             console.print(f"training {cfg.train.run_name} on Ray ({cfg.ray.num_workers} "
-                          f"workers); TensorBoard: tensorboard --logdir "
-                          f"{ray_run_directory(cfg) / 'tensorboard'}")
+                          f"workers); TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
             run = train_on_ray(cfg, kind=kind, console=console)
             metrics, steps = run.metrics, int(run.metrics.get("step", 0))
     except NonFiniteLossError as e:
-        if args.no_ray:
-            last = latest_checkpoint(run_directory(cfg))
-        else:
-            from raydiff.train.trainer import ray_run_directory
-
-            last = latest_checkpoint(ray_run_directory(cfg))
+        last = latest_checkpoint(run_dir)
         console.print(f"[red]error:[/red] {e}; training stopped, last good checkpoint: {last}",
                       soft_wrap=True)
         return 3

@@ -276,12 +276,14 @@ def prepare(cfg: DataConfig) -> PreparedData:
     return _prepare(cfg, source, out)
 
 
-def _records(cfg: DataConfig, source: Source, parallelism: int, tokenize: bool = True):
+def _records(cfg: DataConfig, source: Source, tokenize: bool = True):
     """Pass 1 as a lazy dataset: one row per input record (see `SegmentRecords`)."""
+    import ray
     import ray.data
 
     stage = functools.partial(SegmentRecords, cfg, tokenize=tokenize)
-    blocks = max(2, 2 * parallelism)  # a few per CPU: tasks of unequal length even out
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    blocks = max(2, 2 * cpus)  # a few per CPU: tasks of unequal length even out
     if source.kind == "files":
         lines = ray.data.read_binary_files(
             [source.location.ray_path(f) for f in source.files], include_paths=True,
@@ -317,11 +319,7 @@ def kept_records(records: pa.Table, cfg: DataConfig) -> pa.Table:
 def read_segments(cfg: DataConfig) -> dict[str, list[str]]:
     """Pass 1 alone, for any source (files local or s3, hub, synthetic): the cleaned segments of
     each split, in input order (evaluation tokenizes them with a checkpoint's own tokenizer)."""
-    import ray
-
-    parallelism = max(1, int(ray.available_resources().get("CPU", 1)))
-    dataset = _records(cfg, resolve_source(cfg), parallelism, tokenize=False)
-    records = kept_records(_gather(dataset), cfg)
+    records = kept_records(_gather(_records(cfg, resolve_source(cfg), tokenize=False)), cfg)
     out: dict[str, list[str]] = {split: [] for split in SPLITS}
     for rank, segs in zip(records["rank"].to_pylist(), records["segments"].to_pylist(),
                           strict=True):
@@ -330,13 +328,10 @@ def read_segments(cfg: DataConfig) -> dict[str, list[str]]:
 
 
 def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
-    import ray
-
     started = time.perf_counter()
-    parallelism = max(1, int(ray.available_resources().get("CPU", 1)))
 
     # pass 1 (parallel): parse, clean, segment, split into words
-    records = _gather(_records(cfg, source, parallelism))
+    records = _gather(_records(cfg, source))
     statuses, counts = np.unique(records["status"].to_numpy(zero_copy_only=False),
                                  return_counts=True)
     counts = dict(zip(statuses.tolist(), counts.tolist(), strict=True))

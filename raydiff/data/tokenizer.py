@@ -42,24 +42,16 @@ def _word_pipeline(model: WordLevel, lowercase: bool) -> Tokenizer:
     return tok
 
 
-def _trained(texts: Iterable[str], vocab_size: int, lowercase: bool) -> Tokenizer:
+def train_word_tokenizer(texts: Iterable[str], vocab_size: int,
+                         lowercase: bool = True) -> PreTrainedTokenizerFast:
+    """Keep the `vocab_size - 2` most frequent words (plus PAD = 0 and UNK = 1)."""
+    from transformers import PreTrainedTokenizerFast
+
     tok = _word_pipeline(WordLevel(unk_token=UNK), lowercase)
     trainer = WordLevelTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                min_frequency=1)
     tok.train_from_iterator(texts, trainer=trainer)
-    return tok
-
-
-def _fast(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    from transformers import PreTrainedTokenizerFast
-
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK)
-
-
-def train_word_tokenizer(texts: Iterable[str], vocab_size: int,
-                         lowercase: bool = True) -> PreTrainedTokenizerFast:
-    """Keep the `vocab_size - 2` most frequent words (plus PAD = 0 and UNK = 1)."""
-    return _fast(_trained(texts, vocab_size, lowercase))
 
 
 def word_tokens(texts: Sequence[str], lowercase: bool = True) -> pa.ListArray:

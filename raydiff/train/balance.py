@@ -81,11 +81,14 @@ def measure_samples_per_s(engine, batch: Batch, passes: int) -> float:
     return len(batch["input_ids"]) / statistics.median(times)
 
 
-def _all_gather_floats(value: float, rank: int, world_size: int) -> list[float]:
-    mine = torch.zeros(world_size, dtype=torch.float64)
-    mine[rank] = value
-    torch.distributed.all_reduce(mine)  # each rank fills its own slot
-    return mine.tolist()
+def gather_rows(row: Sequence[float], rank: int, world_size: int) -> torch.Tensor:
+    """Every rank's `row`, (world_size, len(row)) float64, through one SUM all-reduce in which
+    each rank fills its own row."""
+    rows = torch.zeros(world_size, len(row), dtype=torch.float64)
+    rows[rank] = torch.tensor([float(v) for v in row], dtype=torch.float64)
+    if world_size > 1:
+        torch.distributed.all_reduce(rows)
+    return rows
 
 
 def all_ranks_agree(flag: bool, world_size: int) -> bool:
@@ -139,7 +142,7 @@ class BalancedBatches:
     def _rebalance(self) -> None:
         probe = self._rows(self.sizes[self.rank])
         speed = measure_samples_per_s(self.engine, probe, self.probe_passes)
-        self.speeds = _all_gather_floats(speed, self.rank, self.world_size)
+        self.speeds = gather_rows([speed], self.rank, self.world_size)[:, 0].tolist()
         self.sizes = split_batch(self.global_batch, self.speeds)
         self._measured_at = self.engine.step
         if self.on_rebalance is not None:

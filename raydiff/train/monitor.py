@@ -28,8 +28,7 @@ class ForwardReports(ray.train.UserCallback):
         self.reports = reports
 
     def after_report(self, run_context, metrics, checkpoint):
-        self.reports.put({"metrics": metrics[0],
-                          "checkpoint": checkpoint.path if checkpoint else None})
+        self.reports.put(metrics[0])
 
 
 class RunMonitor:
@@ -38,8 +37,6 @@ class RunMonitor:
 
     def __init__(self, run_dir: Path, max_steps: int, console: Console | None = None):
         self.run_dir, self.max_steps, self.console = run_dir, max_steps, console
-        self.last: dict = {}
-        self.checkpoints: list[str] = []
 
     def callback(self) -> ForwardReports:
         return ForwardReports(self._reports)
@@ -79,16 +76,12 @@ class RunMonitor:
                 continue
             self._show(report)
 
-    def _show(self, report: dict) -> None:
-        metrics = report["metrics"]
+    def _show(self, metrics: dict) -> None:
         step = int(metrics["step"])
         for name, value in metrics.items():
             if name != "step" and isinstance(value, int | float):
                 self._writer.add_scalar(name, value, step)
         self._writer.flush()
-        self.last = metrics
-        if report["checkpoint"]:
-            self.checkpoints.append(report["checkpoint"])
         if self._progress is not None:
             shown = " ".join(f"{k} {metrics[k]:.4f}" for k in SHOWN if k in metrics)
             self._progress.update(self._task, completed=step,

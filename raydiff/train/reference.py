@@ -38,26 +38,23 @@ class ReferenceEngine:
                    offset: int = 0) -> dict[str, float]:
         """One optimiser step: mean NLL per predicted token of this worker's batch, scaled by
         `loss_weight` (see `DiffusionEngine.train_step`)."""
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
-        self.train_model.train()
-        with autocast(self.precision, self.device):
-            nll, count = causal_lm_loss(self.train_model, input_ids, attention_mask)
-        loss = nll.sum() / count.sum().clamp(min=1)
+        loss = self.probe_loss(batch)
         grad_norm = apply_gradients(self.model, self.optimizer, self.scaler, loss, loss_weight,
                                     self.cfg.optim.grad_clip, self.step)
         lr = self.lr_schedule.get_last_lr()[0]
         self.lr_schedule.step()
         self.step += 1
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
-                "tokens": attention_mask.sum().item()}
+                "tokens": batch["attention_mask"].sum().item()}
 
     def probe_loss(self, batch: Batch) -> torch.Tensor:
-        """The training loss of `batch`: what `train.balance` times."""
+        """The training loss of `batch` (no draws here, so what `train_step` minimises is what
+        `train.balance` times)."""
         self.train_model.train()
         with autocast(self.precision, self.device):
-            nll, count = causal_lm_loss(self.train_model, batch["input_ids"].to(self.device),
-                                        batch["attention_mask"].to(self.device))
+            nll, count = causal_lm_loss(
+                self.train_model, batch["input_ids"].to(self.device, non_blocking=True),
+                batch["attention_mask"].to(self.device, non_blocking=True))
         return nll.sum() / count.sum().clamp(min=1)
 
     @torch.no_grad()

@@ -29,7 +29,7 @@ from raydiff.config import Config, build_config
 from raydiff.data.corpus import chunk_batches
 from raydiff.data.pipeline import open_prepared, prepare, read_split_blocks, training_datasets
 from raydiff.data.tokenizer import load_tokenizer
-from raydiff.train.balance import BalancedBatches, PlacedBatch, Throttle
+from raydiff.train.balance import BalancedBatches, PlacedBatch, Throttle, gather_rows
 from raydiff.train.checkpoint import (
     STATE_FILE,
     checkpoint_step,
@@ -67,12 +67,11 @@ class RayReporter:
         step = metrics["step"]
         keys = sorted(k for k in metrics if k != "step")
         shared = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        per_worker = torch.zeros(self.world_size, len(PER_WORKER_METRICS), dtype=torch.float64)
-        per_worker[self.rank] = torch.tensor([float(metrics[k]) for k in PER_WORKER_METRICS])
         if self.world_size > 1:
             torch.distributed.all_reduce(shared)
-            torch.distributed.all_reduce(per_worker)  # each rank fills its own row
             shared /= self.world_size
+        per_worker = gather_rows([metrics[k] for k in PER_WORKER_METRICS], self.rank,
+                                 self.world_size)
         out = dict(zip(keys, shared.tolist(), strict=True)) | {"step": step}
         out["tokens_per_s"] = per_worker[:, 0].sum().item()
         del out["local_batch"]
