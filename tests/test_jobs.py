@@ -95,13 +95,17 @@ def ray_head(request):
                 time.sleep(1)
         yield {"address": address, "env": env}
     finally:
+        # SIGTERM lets the raylet and GCS stop cleanly; `ray start --block` itself outlives it
+        # (measured: still running after 60 s), so its group is killed after a short grace
         for node in reversed(nodes):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGTERM)
             try:
-                node.wait(timeout=30)
+                node.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
         # anything that left the process groups: it names the temp dir or the GCS address
         for pid in _our_processes(temp_dir) + _our_processes(f"127.0.0.1:{gcs_port}"):
             with contextlib.suppress(ProcessLookupError):
