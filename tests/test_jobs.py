@@ -5,6 +5,8 @@ would kill every Ray cluster on the host)."""
 import contextlib
 import json
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -21,10 +23,23 @@ from tests.conftest import ROOT
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1, from 20000-32767: above the range Ray gives its
+    workers (10002-19999) and below the kernel's ephemeral range (32768+), from which the OS
+    hands ports to every `bind(0)` and outgoing connection, Ray's own included, that could
+    otherwise take a port picked here before the node binds it."""
+    ports: list[int] = []
+    with contextlib.ExitStack() as stack:
+        for port in random.sample(range(20000, 32768), 200):
+            s = stack.enter_context(socket.socket())
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise RuntimeError(f"fewer than {count} free ports in 20000-32767")
 
 
 def _our_processes(marker: str) -> list[int]:
@@ -40,64 +55,77 @@ def _our_processes(marker: str) -> list[int]:
     return pids
 
 
-def _node_ports() -> list[str]:
-    """Free ports for a node's agents: the defaults (52365, ...) are taken whenever another Ray
-    runs on the host, such as the test session's, and a node whose dashboard agent cannot bind
-    accepts no jobs ("No available agent to submit job")."""
-    return [f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}"]
-
-
-def _start_cluster():
-    """A head (2 CPUs) and optionally a second node (1 CPU) on 127.0.0.1, each advertising one
-    `raydiff_slot`, every process in its own session so that it can be killed by group."""
-    temp_dir = tempfile.mkdtemp(prefix="rdj", dir="/tmp")  # short: Ray's socket paths are capped
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    nodes = [subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
-         f"--ray-client-server-port={_free_port()}", *_node_ports(),
-         '--resources={"raydiff_slot": 1}'],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    return temp_dir, gcs_port, dashboard_port, env, nodes
-
-
-@pytest.fixture(params=[False], ids=["head"])
-def ray_head(request):
-    temp_dir, gcs_port, dashboard_port, env, nodes = _start_cluster()
-    head = nodes[0]
-    address = f"http://127.0.0.1:{dashboard_port}"
+def _alive_nodes(address: str) -> int:
     try:
-        deadline = time.monotonic() + 180  # slow when the host is busy
-        while True:
+        with urllib.request.urlopen(f"{address}/nodes?view=summary", timeout=5) as r:
+            summary = json.loads(r.read())["data"]["summary"]
+        return sum(1 for n in summary if n["raylet"]["state"] == "ALIVE")
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+class _Cluster:
+    """A head (2 CPUs) and optionally a second node (1 CPU) on 127.0.0.1 from `ray start`, each
+    advertising one `raydiff_slot`, every node in its own process group so that it can be
+    killed by group. Each node's `ray start` output goes to a log in the cluster's temp dir."""
+
+    def __init__(self):
+        self.temp_dir = tempfile.mkdtemp(prefix="rdj", dir="/tmp")  # short: socket paths are capped
+        # the agents' defaults (52365, ...) are taken whenever another Ray runs on the host, such
+        # as the test session's, and a node whose dashboard agent cannot bind accepts no jobs
+        (self.gcs_port, self.dashboard_port, client_port, *self._agent_ports) = _free_ports(11)
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+        self.nodes: list[subprocess.Popen] = []
+        self._start_node(
+            "--head", f"--port={self.gcs_port}", "--num-cpus=2", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--temp-dir={self.temp_dir}", f"--ray-client-server-port={client_port}")
+
+    def _start_node(self, *args: str) -> subprocess.Popen:
+        ports = [self._agent_ports.pop() for _ in range(4)]
+        with open(Path(self.temp_dir) / f"ray-start-{len(self.nodes)}.log", "w") as log:
+            node = subprocess.Popen(
+                [RAY, "start", "--block", "--node-ip-address=127.0.0.1", *args,
+                 f"--dashboard-agent-listen-port={ports[0]}",
+                 f"--dashboard-agent-grpc-port={ports[1]}", f"--metrics-export-port={ports[2]}",
+                 f"--runtime-env-agent-port={ports[3]}", '--resources={"raydiff_slot": 1}'],
+                env=self.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        self.nodes.append(node)
+        return node
+
+    def failure(self, node: int = 0) -> str:
+        """The exception line of the node's `ray start` output (else its last line)."""
+        lines = (Path(self.temp_dir) / f"ray-start-{node}.log").read_text(
+            errors="replace").strip().splitlines()
+        errors = [line for line in lines if re.match(r"\w+(Error|Exception): ", line)]
+        return (errors or lines or ["(no output)"])[-1]
+
+    def wait_for_head(self, timeout: float = 180) -> bool:
+        """True once the dashboard answers; False when the head exits first."""
+        deadline = time.monotonic() + timeout  # slow when the host is busy
+        while self.nodes[0].poll() is None:
             try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
+                urllib.request.urlopen(f"{self.address}/api/version", timeout=2)
+                return True
             except OSError:
-                if time.monotonic() > deadline or head.poll() is not None:
-                    raise RuntimeError("the Ray head did not come up") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Ray head did not come up in time") from None
                 time.sleep(1)
-        if request.param:  # a second node with its own slot, joining the head
-            nodes.append(subprocess.Popen(
-                [RAY, "start", "--block", f"--address=127.0.0.1:{gcs_port}",
-                 "--node-ip-address=127.0.0.1", "--num-cpus=1", *_node_ports(),
-                 '--resources={"raydiff_slot": 1}'],
-                env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL))
-            deadline = time.monotonic() + 90
-            while _alive_nodes(address) < 2:
-                if time.monotonic() > deadline or nodes[1].poll() is not None:
-                    raise RuntimeError("the second Ray node did not join")
-                time.sleep(1)
-        yield {"address": address, "env": env}
-    finally:
+        return False
+
+    def add_node(self, timeout: float = 90) -> None:
+        node = self._start_node(f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=1")
+        deadline = time.monotonic() + timeout
+        while _alive_nodes(self.address) < 2:
+            if time.monotonic() > deadline or node.poll() is not None:
+                raise RuntimeError(f"the second Ray node did not join: {self.failure(1)}")
+            time.sleep(1)
+
+    def stop(self) -> None:
         # SIGTERM lets the raylet and GCS stop cleanly; `ray start --block` itself outlives it
         # (measured: still running after 60 s), so its group is killed after a short grace
-        for node in reversed(nodes):
+        for node in reversed(self.nodes):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGTERM)
             try:
@@ -107,18 +135,34 @@ def ray_head(request):
                     os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
         # anything that left the process groups: it names the temp dir or the GCS address
-        for pid in _our_processes(temp_dir) + _our_processes(f"127.0.0.1:{gcs_port}"):
+        for pid in (_our_processes(self.temp_dir)
+                    + _our_processes(f"127.0.0.1:{self.gcs_port}")):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
 
-def _alive_nodes(address: str) -> int:
+@pytest.fixture(params=[False], ids=["head"])
+def ray_head(request):
+    """A running cluster (with a second node when the parameter is true). A head that exits
+    while starting is retried with fresh ports (a port found free can still be taken before
+    Ray binds it); the error names the reason from `ray start`'s own output."""
+    for _attempt in range(3):
+        cluster = _Cluster()
+        try:
+            if cluster.wait_for_head():
+                break
+        except BaseException:
+            cluster.stop()
+            raise
+        cluster.stop()
+    else:
+        raise RuntimeError(f"the Ray head exited three times; last: {cluster.failure()}")
     try:
-        with urllib.request.urlopen(f"{address}/nodes?view=summary", timeout=5) as r:
-            summary = json.loads(r.read())["data"]["summary"]
-        return sum(1 for n in summary if n["raylet"]["state"] == "ALIVE")
-    except (OSError, KeyError, ValueError):
-        return 0
+        if request.param:
+            cluster.add_node()
+        yield {"address": cluster.address, "env": cluster.env}
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.timeout(420)
