@@ -50,6 +50,8 @@ def test_blocks_pad_and_truncate_to_seq_len():
     assert blocks["input_ids"].shape == (2, 4) and blocks["input_ids"].dtype == np.int64
     assert blocks["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert blocks["input_ids"][0, 2:].tolist() == [PAD_ID, PAD_ID]
+    assert blocks["input_ids"][0, :2].tolist() == tok("a b")["input_ids"]
+    assert blocks["input_ids"][1].tolist() == tok("a b c d e f g h")["input_ids"][:4]
 
 
 def test_cleaning_and_segmentation():

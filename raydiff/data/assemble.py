@@ -18,13 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
+from raydiff.data.blocks import fixed_blocks
 from raydiff.data.corpus import SPLITS
-from raydiff.data.tokenizer import (
-    PAD_ID,
-    UNK_ID,
-    select_vocabulary,
-    tokenizer_from_vocabulary,
-)
+from raydiff.data.tokenizer import UNK_ID, select_vocabulary, tokenizer_from_vocabulary
 
 RANK_OF_SPLIT = {"valid": 0, "test": 1, "train": 2}  # held-out splits win duplicates
 SPLIT_OF_RANK = {rank: split for split, rank in RANK_OF_SPLIT.items()}
@@ -76,18 +72,6 @@ def _deduplicate(segments: pa.Array, ranks: np.ndarray) -> tuple[np.ndarray, np.
                 .aggregate([("position", "min"), ("rank", "min")]).sort_by("position_min"))
     return (distinct["position_min"].to_numpy().astype(np.int64),
             distinct["rank_min"].to_numpy().astype(np.int8))
-
-
-def fixed_blocks(ids: np.ndarray, lengths: np.ndarray, seq_len: int):
-    """Ragged token ids (flat, with per-row lengths) -> right-padded, truncated (N, seq_len)
-    int32 ids and int8 mask."""
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (N,)
-    kept = np.minimum(lengths, seq_len)
-    mask = np.arange(seq_len)[None, :] < kept[:, None]  # (N, seq_len)
-    source = starts[:, None] + np.arange(seq_len)[None, :]  # (N, seq_len) positions in ids
-    blocks = np.full(mask.shape, PAD_ID, dtype=np.int32)
-    blocks[mask] = ids[source[mask]]
-    return blocks, mask.astype(np.int8)
 
 
 def _one_chunk(column: pa.ChunkedArray) -> pa.Array:

@@ -22,13 +22,22 @@ if TYPE_CHECKING:
 def encode_fixed(tokenizer: Tokenizer, texts: Sequence[str], seq_len: int):
     """Right-padded, truncated blocks: (N, seq_len) int32 ids and (N, seq_len) int8 mask."""
     encodings = tokenizer.encode_batch(list(texts))
-    lengths = np.fromiter((min(len(e.ids), seq_len) for e in encodings), dtype=np.int64,
-                          count=len(encodings))
-    mask = np.arange(seq_len)[None, :] < lengths[:, None]  # (N, seq_len)
-    ids = np.full((len(encodings), seq_len), PAD_ID, dtype=np.int32)
-    ids[mask] = np.fromiter(itertools.chain.from_iterable(e.ids[:seq_len] for e in encodings),
-                            dtype=np.int32, count=int(lengths.sum()))  # row-major fill
-    return ids, mask.astype(np.int8)
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int32,
+                      count=int(lengths.sum()))
+    return fixed_blocks(ids, lengths, seq_len)
+
+
+def fixed_blocks(ids: np.ndarray, lengths: np.ndarray, seq_len: int):
+    """Ragged token ids (flat, with per-row lengths) -> right-padded, truncated (N, seq_len)
+    int32 ids and int8 mask."""
+    starts = np.cumsum(lengths) - lengths  # (N,) where each row begins in ids
+    kept = np.minimum(lengths, seq_len)
+    mask = np.arange(seq_len)[None, :] < kept[:, None]  # (N, seq_len)
+    source = starts[:, None] + np.arange(seq_len)[None, :]  # (N, seq_len) positions in ids
+    blocks = np.full(mask.shape, PAD_ID, dtype=np.int32)
+    blocks[mask] = ids[source[mask]]
+    return blocks, mask.astype(np.int8)
 
 
 def encode_blocks(tokenizer: PreTrainedTokenizerFast, segments: Sequence[str],

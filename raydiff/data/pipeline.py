@@ -335,7 +335,7 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
     statuses, counts = np.unique(records["status"].to_numpy(zero_copy_only=False),
                                  return_counts=True)
     counts = dict(zip(statuses.tolist(), counts.tolist(), strict=True))
-    timings = {"pass1_s": time.perf_counter() - started}
+    pass1_done = time.perf_counter()
 
     # the driver: de-duplicate, count the training words, build the tokenizer, look up ids
     kept = kept_records(records, cfg)
@@ -343,12 +343,11 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
         raise DataError(f"data.source={cfg.source}: no segments after cleaning "
                         f"(line statuses: {counts})")
     assembled = assemble(kept, cfg.vocab_size, cfg.seq_len, cfg.lowercase)
-    timings["assemble_s"] = time.perf_counter() - started - timings["pass1_s"]
+    assembled_at = time.perf_counter()
 
     with _staging(out) as stage:
         per_split = write_output(stage, assembled)
-        timings["write_s"] = (time.perf_counter() - started - timings["pass1_s"]
-                              - timings["assemble_s"])
+        written_at = time.perf_counter()
         n_segments = sum(s["segments"] for s in per_split.values())
         tokens = sum(s["tokens"] for s in per_split.values())
         manifest = {
@@ -363,8 +362,9 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
             "oov_rate": sum(s["unk"] for s in per_split.values()) / max(tokens, 1),
             "pad_fraction": sum(s["pad"] for s in per_split.values())
             / max(1, cfg.seq_len * n_segments),
-            "splits": per_split, "seconds": time.perf_counter() - started,
-            "timings": timings,
+            "splits": per_split, "seconds": written_at - started,
+            "timings": {"pass1_s": pass1_done - started, "assemble_s": assembled_at - pass1_done,
+                        "write_s": written_at - assembled_at},
         }
         stage.child(MANIFEST).write_text_atomic(json.dumps(manifest, indent=2))
     return PreparedData(out, manifest, reused=False)

@@ -3,9 +3,10 @@
 
 Two ways to the same tokenizer: `train_word_tokenizer` runs the library's trainer over texts in
 one process; the Ray Data pipeline splits each block's texts into words on the workers
-(`word_tokens`, with the tokenizer's own normalizer and pre-tokenizer), counts the words of the whole training split on the driver, and builds the
-tokenizer from those counts (`select_vocabulary`, `tokenizer_from_vocabulary`) by the trainer's
-own rule, so the result is identical (tested).
+(`word_tokens`, with the tokenizer's own normalizer and pre-tokenizer), counts the words of the
+whole training split on the driver, and builds the tokenizer from those counts
+(`select_vocabulary`, `tokenizer_from_vocabulary`) by the trainer's own rule, so the result is
+identical (tested).
 """
 
 from __future__ import annotations
