@@ -73,25 +73,34 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
-    import ray
-    from ray.data import DataContext
-
-    from raydiff.data.pipeline import output_location, prepare
+    from raydiff.data.sources import output_location
 
     cfg = load_config(args.config, args.overrides)
     output_location(cfg.data)  # a missing path or unreachable S3 fails here, before Ray starts
-    _quiet_ray_logs()
-    ray.init(address=args.address or cfg.ray.address or "local", include_dashboard=False,
-             log_to_driver=False)
-    DataContext.get_current().enable_progress_bars = console.is_terminal
-    with console.status(f"preparing {cfg.data.source} with Ray Data"):
-        prepared = prepare(cfg.data)
+    if args.no_ray:
+        from raydiff.data.local import prepare_local
+
+        with console.status(f"preparing {cfg.data.source} in this process"):
+            prepared = prepare_local(cfg.data)
+    else:
+        from ray.data import DataContext
+
+        from raydiff.data.pipeline import prepare
+        from raydiff.runtime import start_ray
+
+        _quiet_ray_logs()
+        start_ray(args.address or cfg.ray.address, include_dashboard=False)
+        DataContext.get_current().enable_progress_bars = console.is_terminal
+        with console.status(f"preparing {cfg.data.source} with Ray Data"):
+            prepared = prepare(cfg.data)
     m = prepared.manifest
     table = Table(title=f"prepared data{' (already complete)' if prepared.reused else ''}",
                   show_header=False)
     table.add_row("output", prepared.path)
     table.add_row("articles / lines read", f"{m['articles']} / {m['lines']}")
     table.add_row("skipped", ", ".join(f"{k} {v}" for k, v in m["skipped"].items()))
+    for damaged in m["skipped_files"]:
+        table.add_row("  skipped file", f"{damaged['path']}: {damaged['reason']}")
     table.add_row("segments (before dedup)", f"{m['segments']} ({m['segments_before_dedup']})")
     for split, s in m["splits"].items():
         table.add_row(f"  {split}", f"{s['segments']} segments, {s['tokens']} tokens, "
@@ -100,6 +109,14 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
     table.add_row("OOV rate / pad fraction", f"{m['oov_rate']:.4f} / {m['pad_fraction']:.4f}")
     table.add_row("seconds", f"{m['seconds']:.1f}")
     console.print(table)
+    if m["skipped_files"]:
+        console.print(f"[yellow]warning:[/yellow] skipped {len(m['skipped_files'])} damaged "
+                      "file(s): " + "; ".join(f"{d['path']} ({d['reason']})"
+                                              for d in m["skipped_files"]), soft_wrap=True)
+    if not m["splits"]["valid"]["segments"]:
+        console.print("[yellow]warning:[/yellow] the validation split is empty (raise "
+                      "data.valid_fraction); training will validate on the train split",
+                      soft_wrap=True)
     return 0
 
 
@@ -258,7 +275,8 @@ def cmd_cluster_check(args: argparse.Namespace, console: Console) -> int:
         console.print("node types are not declared in this file (local provider): resources "
                       "are checked against the running cluster with --address")
     if args.address:
-        from raydiff.train.trainer import check_resources, start_ray
+        from raydiff.runtime import start_ray
+        from raydiff.train.trainer import check_resources
 
         start_ray(args.address)
         check_resources(cfg)
@@ -307,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="clean, segment and tokenize a corpus with Ray Data")
     _add_config_args(prep)
     prep.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    prep.add_argument("--no-ray", action="store_true",
+                      help="prepare in this one process (the same output), without Ray")
     prep.set_defaults(func=cmd_prepare)
     return parser
 
@@ -316,9 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse takes no positionals after an option once a positional list has started
-    # (`cluster check FILE --config C key=value`): hand such overrides to that list
-    if extra and hasattr(args, "targets") and all("=" in e for e in extra):
-        args.targets += extra
+    # (`train --no-ray key=value`, `cluster check FILE --config C key=value`): hand such
+    # overrides to that list
+    if extra and all("=" in e and not e.startswith("-") for e in extra):
+        if hasattr(args, "targets"):
+            args.targets += extra
+        elif hasattr(args, "overrides"):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console = Console(stderr=True)

@@ -93,6 +93,7 @@ class DataConfig:
     test_fraction: float = _field(0.05, ge=0.0, le=0.5)
     max_articles: int | None = _field(None, ge=1)
     synthetic_size: int = _field(2000, ge=10)  # articles of the "synthetic" source
+    shard_rows: int = _field(50_000, ge=1)  # rows per Parquet shard, at most
     seed: int = 0
     # S3: endpoint/region/credentials; unset credentials come from the standard AWS variables
     s3_endpoint: str | None = None

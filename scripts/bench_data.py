@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""Preparation throughput, printed as JSON: `raydiff prepare` (Ray Data) on 1 and 2 CPUs against
-a single-process baseline running the same stages (cleaning, segmentation, splitting into
-words, de-duplication, vocabulary, ids, Parquet writing) without Ray. Ray's start-up is
-reported apart; every measurement is repeated and the median reported.
+"""`prepare` at corpus scale, printed as JSON: the real shared corpora (Reuters-21578, CC-News,
+AllSides) copied K times, every copy made distinct, prepared on a local Ray of `--cpus` CPUs.
 
-    python scripts/bench_data.py [--source ../shared/data/reuters21578/reuters21578.jsonl.gz]
-                                 [--cpus 1 2] [--max-articles N] [--repeat 3]
+    python scripts/bench_data.py --scale 1 4 10 60 [--cpus 2] [--object-store-mb 200]
+                                 [--baseline] [--cold]
 
-Each Ray measurement runs in a fresh subprocess with `ray.init(num_cpus=k)`; starting Ray and
-a first tiny Ray Data job (which starts Ray Data's stats actor and the worker processes, and
-imports the pipeline there) is timed as start-up, apart from prepare.
+Per size: input MB (uncompressed JSON Lines), wall and work seconds (the manifest's timings:
+Ray's start-up and a warm-up job that starts its worker processes are apart), MB/s per core,
+the driver's peak RSS (`resource.getrusage` in the driver process), the Ray worker processes'
+memory (sampled every 0.2 s: the largest RSS of one worker, and the largest sum of their PSS),
+what Ray spilled to disk, segments written. `--baseline` adds the same stages in one process without Ray
+(`raydiff.data.local`), `--cold` the end-to-end `raydiff prepare` command in a fresh process.
+
+Copy k of an article has the id `<id>#c<k>` and the word `q<k>` before every point where the
+segmenter may cut and at the end of every line, so that no segment of one copy equals one of
+another: de-duplication keeps every copy, and still removes what repeats within one. Copy 0 is
+the corpora unchanged. Copies are written once to `--work-dir` and reused.
 """
 
 from __future__ import annotations
@@ -18,138 +24,199 @@ import argparse
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "reuters21578" / "reuters21578.jsonl.gz"
+SHARED = ROOT.parent / "shared" / "data"
+CORPORA = ("reuters21578/reuters21578.jsonl.gz", "cc_news/cc_news.jsonl.gz",
+           "allsides_news/allsides_news.jsonl.gz")
+CUT = re.compile(r"([.!?])(\s+)(?=[\"'(\[]?[A-Z0-9])")  # where clean.SENTENCE_END may cut
 
 
-def _overrides(source: str, out_dir: str, max_articles: int | None) -> list[str]:
-    out = [f"data.source={source}", f"data.out_dir={out_dir}"]
-    return out + ([f"data.max_articles={max_articles}"] if max_articles else [])
+def _copy(args: tuple[int, str]) -> tuple[str, int]:
+    """Write copy k of the corpora; (path, uncompressed bytes)."""
+    k, directory = args
+    path = Path(directory) / f"copy-{k:03d}.jsonl.gz"
+    size = 0
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wb", compresslevel=1) as out:
+        for name in CORPORA:
+            with gzip.open(SHARED / name, "rb") as f:
+                for raw in f:
+                    if k:
+                        row = json.loads(raw)
+                        row["id"] = f"{row.get('id')}#c{k}"
+                        mark = f" q{k}"
+                        row["text"] = "\n".join(
+                            CUT.sub(rf"{mark}\1\2", line) + mark if line.strip() else line
+                            for line in row["text"].split("\n"))
+                        raw = (json.dumps(row) + "\n").encode()
+                    out.write(raw)
+                    size += len(raw)
+    tmp.replace(path)
+    return str(path), size
 
 
-def input_megabytes(source: str) -> float:
-    opener = gzip.open if source.endswith(".gz") else open
-    with opener(source, "rb") as f:
-        return sum(len(line) for line in f) / 1e6
+def build_corpus(scale: int, work_dir: Path) -> tuple[Path, float]:
+    """A directory with copies 0..scale-1 (links to the shared copies); its input MB."""
+    copies = work_dir / "copies"
+    copies.mkdir(parents=True, exist_ok=True)
+    sizes_file = copies / "sizes.json"
+    sizes = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
+    missing = [k for k in range(scale) if str(k) not in sizes
+               or not (copies / f"copy-{k:03d}.jsonl.gz").exists()]
+    if missing:
+        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+            for k, (_, size) in zip(missing, pool.map(_copy, [(k, str(copies)) for k in missing]),
+                                    strict=True):
+                sizes[str(k)] = size
+        sizes_file.write_text(json.dumps(sizes))
+    corpus = work_dir / f"x{scale}"
+    corpus.mkdir(exist_ok=True)
+    for k in range(scale):
+        link = corpus / f"copy-{k:03d}.jsonl.gz"
+        if not link.exists():
+            link.symlink_to(copies / link.name)
+    return corpus, sum(sizes[str(k)] for k in range(scale)) / 1e6
 
 
-def baseline(source: str, max_articles: int | None) -> dict:
-    """The same stages in one process and one thread, no Ray: the file's lines through
-    `SegmentRecords` as one batch, then `assemble` and `write_output` (the tokenizer library
-    would otherwise use every core, which a 1-CPU Ray task does not)."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from raydiff.config import load_config
-    from raydiff.data.assemble import assemble
-    from raydiff.data.pipeline import SegmentRecords, explode_files, kept_records, write_output
-    from raydiff.data.storage import Location
-
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, _overrides(source, out, max_articles)).data
-        start = time.perf_counter()
-        lines = explode_files({"path": [source], "bytes": [Path(source).read_bytes()]})
-        records = SegmentRecords(cfg, file_index={source: 0})(lines).sort_by("order")
-        kept = kept_records(records, cfg)
-        assembled = assemble(kept, cfg.vocab_size, cfg.seq_len, cfg.lowercase)
-        per_split = write_output(Location.of(out, cfg), assembled)
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "articles": kept.num_rows,
-            "segments": sum(s["segments"] for s in per_split.values())}
-
-
-def baseline_run(source: str, max_articles: int | None) -> dict:
-    """`baseline` in a fresh interpreter, like each Ray run (imports paid every time)."""
-    command = [sys.executable, __file__, "--source", source, "--baseline-only"]
-    command += ["--max-articles", str(max_articles)] if max_articles else []
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"baseline failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
-
-
-def ray_run(source: str, cpus: int, max_articles: int | None) -> dict:
-    """One `prepare` on a fresh local Ray with `cpus` CPUs, in a subprocess."""
-    code = f"""
-import json, tempfile, time, ray, ray.data
+RAY_RUN = r"""
+import json, os, resource, sys, tempfile, threading, time
+import ray, ray.data
 from ray.data import DataContext
+from ray.data.aggregate import Sum
 from raydiff.config import load_config
-from raydiff.data.pipeline import prepare
+from raydiff.runtime import start_ray
+
+source, cpus, store_mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t0 = time.perf_counter()
-ray.init(address="local", num_cpus={cpus}, include_dashboard=False, log_to_driver=False)
+start_ray("local", num_cpus=cpus, include_dashboard=False,
+          object_store_memory=store_mb * 2**20 if store_mb else None)
 DataContext.get_current().enable_progress_bars = False
-
-def warm(batch):  # Ray Data's first job starts its stats actor and workers; pay that here
-    import raydiff.data.pipeline  # noqa: F401
-    time.sleep(0.2)
-    return batch
-
-ray.data.range(4 * {cpus}, override_num_blocks=4 * {cpus}).map_batches(warm).materialize()
+# a warm-up job through a map, a hash shuffle and a write: it starts Ray Data's actors and the
+# worker processes of each pool, and imports raydiff there
+def warm(batch):
+    import raydiff.data.stages  # noqa: F401
+    return {"k": batch["id"] % 3, "v": batch["id"]}
+(ray.data.range(64, override_num_blocks=2 * cpus).map_batches(warm)
+ .groupby("k", num_partitions=2 * cpus).aggregate(Sum("v")).materialize())
 startup = time.perf_counter() - t0
+
+peak = {"max_worker": 0, "sum_workers": 0}
+stop = threading.Event()
+# (RSS, PSS) in bytes of each of Ray's worker processes ("ray::..." or default_worker.py;
+# Linux). PSS divides the object store's pages, which every worker reading a block maps,
+# among the processes mapping them: their sum does not count those pages over and over.
+def worker_memory():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
+            if int(pid) != os.getpid() and (cmd.startswith(b"ray::") or b"default_worker.py" in cmd):
+                rollup = open(f"/proc/{pid}/smaps_rollup").read()
+                kib = {line.split(":")[0]: int(line.split()[1]) for line in rollup.splitlines()[1:]}
+                found.append((kib["Rss"] * 1024, kib["Pss"] * 1024))
+        except (OSError, IndexError, ValueError, KeyError):
+            pass
+    return found
+def sample():
+    while not stop.wait(0.2):
+        found = worker_memory()
+        if found:
+            peak["max_worker"] = max(peak["max_worker"], max(r for r, _ in found))
+            peak["sum_workers"] = max(peak["sum_workers"], sum(p for _, p in found))
+threading.Thread(target=sample, daemon=True).start()
+
+from raydiff.data.pipeline import prepare
 with tempfile.TemporaryDirectory() as out:
-    cfg = load_config(None, {_overrides(source, "OUT", max_articles)!r}).data
-    cfg.out_dir = out
+    cfg = load_config(None, [f"data.source={source}", f"data.out_dir={out}"]).data
     t1 = time.perf_counter()
     m = prepare(cfg).manifest
-    seconds = time.perf_counter() - t1
-print("RESULT" + json.dumps({{"ray_startup_s": startup, "seconds": seconds,
-                             "articles": m["articles"], "segments": m["segments"],
-                             "timings": m["timings"]}}))
+    wall = time.perf_counter() - t1
+stop.set()
+summary = ray._private.internal_api.memory_summary(stats_only=True)
+spilled = [line for line in summary.splitlines() if "Spilled" in line]
+print("RESULT" + json.dumps({
+    "ray_startup_s": startup, "wall_s": wall, "work_s": sum(m["timings"].values()),
+    "timings": m["timings"], "segments": m["segments"], "articles": m["articles"],
+    "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "worker_peak_rss_mb": peak["max_worker"] / 2**20,
+    "workers_peak_pss_sum_mb": peak["sum_workers"] / 2**20,
+    "spilled": spilled[0].strip() if spilled else "none"}))
 ray.shutdown()
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=1800)
+
+BASELINE_RUN = r"""
+import json, os, resource, sys, tempfile, time
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core, as a Ray task has
+from raydiff.config import load_config
+from raydiff.data.local import prepare_local
+with tempfile.TemporaryDirectory() as out:
+    cfg = load_config(None, [f"data.source={sys.argv[1]}", f"data.out_dir={out}"]).data
+    t = time.perf_counter()
+    m = prepare_local(cfg).manifest
+    wall = time.perf_counter() - t
+print("RESULT" + json.dumps({"wall_s": wall, "work_s": sum(m["timings"].values()),
+                             "segments": m["segments"],
+                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                             / 1024}))
+"""
+
+
+def _run(code: str, *args: str) -> dict:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=3600)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):
             return json.loads(line[len("RESULT"):])
-    raise RuntimeError(f"ray run with {cpus} CPUs failed:\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"run failed:\n{proc.stderr[-3000:]}")
 
 
-def _median_run(runs: list[dict], mb: float) -> dict:
-    """The run with the median time, its throughput, and every run's seconds (the shared host's
-    noise is tens of percent from run to run)."""
-    median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
-    return median | {"mb_per_s": mb / median["seconds"],
-                     "segments_per_s": median["segments"] / median["seconds"],
-                     "all_seconds": [round(r["seconds"], 2) for r in runs]}
+def cold_cli(source: str, cpus: int) -> dict:
+    """`raydiff prepare` as a user runs it: a fresh process, Ray started inside."""
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "raydiff.cli", "prepare", f"data.source={source}",
+             f"data.out_dir={out}"], capture_output=True, text=True, cwd=ROOT, timeout=3600,
+            env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled"))
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-3000:])
+        return {"wall_s": time.perf_counter() - start}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default=str(DEFAULT_SOURCE))
-    parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--max-articles", type=int, default=None)
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs per measurement, the median reported (default 3)")
-    parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=int, nargs="+", default=[1, 4, 10])
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--object-store-mb", type=int, default=0, help="0: Ray's default")
+    parser.add_argument("--baseline", action="store_true")
+    parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "raydiff-bench"))
     args = parser.parse_args()
-    if not Path(args.source).exists():
-        sys.exit(f"error: {args.source}: no such file (the benchmark reads ../shared/data)")
-    if args.baseline_only:
-        print(json.dumps(baseline(args.source, args.max_articles)))
-        return
-
-    mb = input_megabytes(args.source)
-    results = {"source": args.source, "input_mb_uncompressed": mb,
-               "max_articles": args.max_articles, "repeat": args.repeat}
-    # interleaved, so that a slow spell on the host does not fall on one measurement only
-    runs: dict[str, list[dict]] = {"baseline": []} | {f"ray_{c}cpu": [] for c in args.cpus}
-    for _ in range(args.repeat):
-        runs["baseline"].append(baseline_run(args.source, args.max_articles))
-        for cpus in args.cpus:
-            runs[f"ray_{cpus}cpu"].append(ray_run(args.source, cpus, args.max_articles))
-    for name, measured in runs.items():
-        results[name] = _median_run(measured, mb)
-    if "ray_1cpu" in results and "ray_2cpu" in results:
-        results["speedup_2cpu_over_1cpu"] = (results["ray_1cpu"]["seconds"]
-                                             / results["ray_2cpu"]["seconds"])
-    if "ray_1cpu" in results:
-        results["ray_1cpu_over_baseline_time"] = (results["ray_1cpu"]["seconds"]
-                                                  / results["baseline"]["seconds"])
+    if not (SHARED / CORPORA[0]).exists():
+        sys.exit(f"error: {SHARED}: the shared corpora are missing")
+    results = []
+    for scale in args.scale:
+        corpus, mb = build_corpus(scale, Path(args.work_dir))
+        row = {"scale": scale, "input_mb": round(mb, 1), "cpus": args.cpus,
+               "object_store_mb": args.object_store_mb or "default"}
+        ray = _run(RAY_RUN, str(corpus), str(args.cpus), str(args.object_store_mb))
+        row |= ray | {"mb_per_s_per_core": mb / ray["work_s"] / args.cpus}
+        if args.baseline:
+            base = _run(BASELINE_RUN, str(corpus))
+            row["baseline_one_process"] = base | {"mb_per_s": mb / base["work_s"]}
+        if args.cold:
+            row["cold_cli"] = cold_cli(str(corpus), args.cpus)
+        print(json.dumps(row), flush=True)
+        results.append(row)
     print(json.dumps(results, indent=2))
 
 

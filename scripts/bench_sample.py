@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from raydiff.config import load_config
-from raydiff.data.corpus import chunk_batches
+from raydiff.data.batches import chunk_batches
 from raydiff.eval.evaluate import held_out_blocks, reference_perplexity
 from raydiff.eval.generate import SamplerSettings, generate
 from raydiff.eval.loading import load_diffusion, load_reference

@@ -25,8 +25,9 @@ import tempfile
 from pathlib import Path
 
 from raydiff.config import apply_overrides, load_config
+from raydiff.runtime import start_ray
 from raydiff.train.local import train_local
-from raydiff.train.trainer import read_reports, start_ray, train_on_ray
+from raydiff.train.trainer import read_reports, train_on_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 @pytest.fixture
 def smoke_cfg(tmp_path) -> Config:
-    return load_config(ROOT / "configs" / "smoke.yaml", [f"train.output_dir={tmp_path / 'runs'}"])
+    return load_config(ROOT / "configs" / "smoke.yaml", [f"train.output_dir={tmp_path / 'runs'}",
+                                                          f"data.out_dir={tmp_path / 'data'}"])
 
 
 def tiny_denoiser(vocab_size: int = 50, seq_len: int = 8, embed_dim: int = 8, **overrides):
@@ -41,12 +42,10 @@ def ray_session():
     import ray
     from ray.data import DataContext
 
-    from raydiff.train.trainer import TRIAL_DRIVER_RESOURCE
+    from raydiff.runtime import start_ray
 
-    # the dashboard serves the State API that Ray Train's placement-group cleaner needs
-    # (see raydiff.train.trainer.start_ray); Tune trials rely on it to free stopped workers
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
-             object_store_memory=300 * 1024**2, resources={TRIAL_DRIVER_RESOURCE: 100})
+    # the local Ray every command starts (raydiff.runtime), with a small object store
+    start_ray("local", num_cpus=2, object_store_memory=300 * 1024**2)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

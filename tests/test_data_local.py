@@ -1,3 +1,5 @@
+"""Splits, tokenizer files, fixed blocks, reading sources and preparing in one process."""
+
 import gzip
 import json
 
@@ -6,17 +8,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from raydiff.config import load_config
+from raydiff.data.batches import chunk_batches, iterate_batches
 from raydiff.data.blocks import encode_blocks
-from raydiff.data.corpus import (
-    DataError,
-    build_corpus,
-    chunk_batches,
-    iterate_batches,
-    read_articles,
-    split_of,
-)
+from raydiff.data.local import prepare_local, read_segments
+from raydiff.data.prepared import prepared_tokenizer, read_split_blocks
+from raydiff.data.records import split_of
+from raydiff.data.storage import DataError
 from raydiff.data.synthetic import synthetic_news
-from raydiff.data.text import clean_text, segment
 from raydiff.data.tokenizer import PAD_ID, UNK_ID, save_tokenizer, train_word_tokenizer
 
 
@@ -46,20 +44,14 @@ def test_tokenizer_round_trips_and_has_configured_size(tmp_path):
 
 def test_blocks_pad_and_truncate_to_seq_len():
     tok = train_word_tokenizer(["a b c d e f g h"], vocab_size=20)
-    blocks = encode_blocks(tok, ["a b", "a b c d e f g h"], seq_len=4)
-    assert blocks["input_ids"].shape == (2, 4) and blocks["input_ids"].dtype == np.int64
-    assert blocks["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    blocks = encode_blocks(tok, ["a b", "a b c d e f g h", ""], seq_len=4)
+    assert blocks["input_ids"].shape == (3, 4) and blocks["input_ids"].dtype == np.int64
+    assert blocks["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
     assert blocks["input_ids"][0, 2:].tolist() == [PAD_ID, PAD_ID]
     assert blocks["input_ids"][0, :2].tolist() == tok("a b")["input_ids"]
     assert blocks["input_ids"][1].tolist() == tok("a b c d e f g h")["input_ids"][:4]
-
-
-def test_cleaning_and_segmentation():
-    raw = "Profits &amp; losses <b>rose</b> at <IBM>.\n\n  Shares   fell. Analysts  said so.\nok"
-    cleaned = clean_text(raw)
-    assert cleaned == "Profits & losses rose at .\nShares fell. Analysts said so.\nok"
-    assert segment(cleaned, min_words=2) == ["Profits & losses rose at .", "Shares fell.",
-                                             "Analysts said so."]
+    assert blocks["input_ids"][2].tolist() == [PAD_ID] * 4
+    assert encode_blocks(tok, [], seq_len=4)["input_ids"].shape == (0, 4)
 
 
 def test_local_jsonl_gz_and_text_sources(tmp_path):
@@ -70,32 +62,39 @@ def test_local_jsonl_gz_and_text_sources(tmp_path):
         for r in rows:
             f.write(json.dumps(r) + "\n")
         f.write("{not json\n")
-    cfg = load_config(None, [f"data.source={path}", "data.title_column=title"]).data
-    articles = list(read_articles(cfg))
-    assert len(articles) == 50 and articles[0]["text"].startswith("Title 0\n")
+    cfg = load_config(None, [f"data.source={path}", "data.title_column=title",
+                             "data.lowercase=false", "data.valid_fraction=0",
+                             "data.test_fraction=0", "data.min_words=1"]).data
+    segments = read_segments(cfg)["train"]
+    assert len(segments) == 150 and segments[:3] == ["Title 0", "line 0 one two three",
+                                                      "second line of 0 here"]
 
     text_file = tmp_path / "plain.txt"
     text_file.write_text("first article words here\n\nsecond article words here\n")
-    cfg = load_config(None, [f"data.source={tmp_path}/*.txt"]).data
-    assert [a["text"].strip() for a in read_articles(cfg)] == [
-        "first article words here", "second article words here"]
-
+    cfg = load_config(None, [f"data.source={tmp_path}/*.txt", "data.valid_fraction=0",
+                             "data.test_fraction=0"]).data
+    assert read_segments(cfg)["train"] == ["first article words here",
+                                           "second article words here"]
     with pytest.raises(DataError, match="no such file or directory"):
-        list(read_articles(load_config(None, [f"data.source={tmp_path}/nope.jsonl"]).data))
+        read_segments(load_config(None, [f"data.source={tmp_path}/nope.jsonl"]).data)
 
 
-def test_corpus_splits_do_not_share_articles_and_batches_cover_data():
+def test_prepared_in_process_splits_do_not_share_articles_and_batches_cover_data(tmp_path):
     cfg = load_config(None, ["data.synthetic_size=300", "data.seq_len=16", "data.vocab_size=100",
-                             "data.valid_fraction=0.2"]).data
-    corpus = build_corpus(cfg)
-    assert len(corpus.tokenizer) <= 100
-    train = corpus.splits["train"]
-    assert train["input_ids"].shape[1] == 16 and len(corpus.splits["valid"]["input_ids"]) > 0
+                             "data.valid_fraction=0.2", f"data.out_dir={tmp_path}"]).data
+    prepared = prepare_local(cfg)
+    assert len(prepared_tokenizer(prepared.location)) <= 100
+    train = read_split_blocks(prepared.path, "train")
+    valid = read_split_blocks(prepared.path, "valid")
+    assert train["input_ids"].shape[1] == 16 and len(valid["input_ids"]) > 0
+    splits = prepared.manifest["splits"]
+    assert len(train["input_ids"]) == splits["train"]["segments"]
+    assert sum(s["segments"] for s in splits.values()) == prepared.manifest["segments"]
     # two ranks take disjoint halves of each global batch
     rank0 = next(iterate_batches(train, 8, seed=0, rank=0, world_size=2))
     rank1 = next(iterate_batches(train, 8, seed=0, rank=1, world_size=2))
     whole = next(iterate_batches(train, 16, seed=0))
     assert sorted(map(tuple, np.concatenate([rank0["input_ids"], rank1["input_ids"]]).tolist())) \
         == sorted(map(tuple, whole["input_ids"].tolist()))
-    n_valid = len(corpus.splits["valid"]["input_ids"])
-    assert sum(len(b["input_ids"]) for b in chunk_batches(corpus.splits["valid"], 7)) == n_valid
+    assert sum(len(b["input_ids"]) for b in chunk_batches(valid, 7)) == len(valid["input_ids"])
+    assert prepare_local(cfg).reused

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from raydiff.config import load_config
+from raydiff.data.batches import chunk_batches, iterate_batches
 from raydiff.data.blocks import encode_blocks
-from raydiff.data.corpus import chunk_batches, iterate_batches
 from raydiff.data.tokenizer import train_word_tokenizer
 from raydiff.eval.metrics import (
     bucketed,

@@ -8,8 +8,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from raydiff.config import load_config
-from raydiff.data.corpus import split_of
-from raydiff.data.pipeline import MANIFEST, output_location, prepare, read_split_blocks
+from raydiff.data.output import MANIFEST
+from raydiff.data.pipeline import prepare
+from raydiff.data.prepared import read_split_blocks
+from raydiff.data.records import split_of
+from raydiff.data.sources import output_location
 from tests.conftest import SHARED_DATA
 
 
@@ -37,7 +40,7 @@ def test_prepare_jsonl_gz_end_to_end(ray_session, tmp_path):
     assert not first.reused and (tmp_path / 'out' / first.location.uri.rsplit('/', 1)[1] / MANIFEST).exists()
     assert m["articles"] == 120
     assert m["skipped"] == {"malformed_json": 1, "invalid_utf8": 1, "empty_text": 2,
-                            "too_long": 0, "empty_file": 0}
+                            "too_long": 0, "empty_file": 0, "corrupt_file": 0}
     # "the company said demand was strong." occurs in every article: kept once after dedup
     assert m["segments_before_dedup"] == 240 and m["segments"] == 121
     assert sum(s["segments"] for s in m["splits"].values()) == m["segments"]

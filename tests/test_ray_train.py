@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from raydiff.config import apply_overrides
-from raydiff.data.pipeline import open_prepared
+from raydiff.data.prepared import open_prepared
 from raydiff.train.checkpoint import latest_checkpoint, load_checkpoint
 from raydiff.train.engine import NonFiniteLossError
 from raydiff.train.trainer import STOPPED_FILE, check_resources, prepared_data, train_on_ray

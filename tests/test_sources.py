@@ -14,16 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydiff.config import load_config
-from raydiff.data.pipeline import (
-    MAX_LINE_BYTES,
-    output_location,
-    prepare,
-    read_split_blocks,
-    shuffled,
-    training_datasets,
-)
+from raydiff.data.pipeline import prepare
+from raydiff.data.prepared import read_split_blocks, shuffled, training_datasets
+from raydiff.data.records import MAX_LINE_BYTES
+from raydiff.data.sources import output_location
 from raydiff.data.storage import DataError, Location
-from raydiff.data.text import pack_segments
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(300)
@@ -116,7 +111,7 @@ def test_bad_inputs_are_counted_and_skipped(ray_session, tmp_path):
     m = result.manifest
     assert m["articles"] == 30 + 2 + 5
     assert m["skipped"] == {"malformed_json": 1, "invalid_utf8": 1, "empty_text": 2,
-                            "too_long": 1, "empty_file": 1}
+                            "too_long": 1, "empty_file": 1, "corrupt_file": 0}
     glob_only_txt = prepare(_cfg(tmp_path, f"{src}/*.txt")).manifest
     assert glob_only_txt["articles"] == 2
 
@@ -132,8 +127,6 @@ def test_missing_path_is_a_one_line_cli_error(tmp_path):
 
 
 def test_packing_fills_blocks(ray_session, tmp_path):
-    assert pack_segments(["a b c", "d e", "f g h i"], 5) == ["a b c d e", "f g h i"]
-    assert pack_segments(["one two three four five six"], 3) == ["one two three four five six"]
     plain = prepare(_cfg(tmp_path, "synthetic", "data.synthetic_size=60",
                          "data.seq_len=32")).manifest
     packed = prepare(_cfg(tmp_path, "synthetic", "data.synthetic_size=60", "data.seq_len=32",

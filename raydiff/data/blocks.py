@@ -32,11 +32,12 @@ def fixed_blocks(ids: np.ndarray, lengths: np.ndarray, seq_len: int):
     """Ragged token ids (flat, with per-row lengths) -> right-padded, truncated (N, seq_len)
     int32 ids and int8 mask."""
     starts = np.cumsum(lengths) - lengths  # (N,) where each row begins in ids
-    kept = np.minimum(lengths, seq_len)
-    mask = np.arange(seq_len)[None, :] < kept[:, None]  # (N, seq_len)
-    source = starts[:, None] + np.arange(seq_len)[None, :]  # (N, seq_len) positions in ids
-    blocks = np.full(mask.shape, PAD_ID, dtype=np.int32)
-    blocks[mask] = ids[source[mask]]
+    mask = np.arange(seq_len)[None, :] < np.minimum(lengths, seq_len)[:, None]  # (N, seq_len)
+    if len(ids) == 0:
+        return np.full(mask.shape, PAD_ID, dtype=np.int32), mask.astype(np.int8)
+    # (N, seq_len) positions in ids, clipped where a row is shorter (masked out below)
+    source = np.minimum(starts[:, None] + np.arange(seq_len)[None, :], len(ids) - 1)
+    blocks = np.where(mask, ids[source], PAD_ID).astype(np.int32)
     return blocks, mask.astype(np.int8)
 
 

@@ -1,4 +1,5 @@
-"""Where bytes live: local paths and `s3://` URIs (through s3fs), behind one small interface.
+"""Where bytes live: local paths, `s3://` URIs (through s3fs) and other fsspec URLs such as a
+hub dataset's `hf://` files, behind one small interface.
 
 S3 endpoint, region and credentials come from the data config or, when unset there, from the
 standard AWS environment variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ...).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +60,8 @@ def _describe_s3_error(uri: str, error: Exception) -> DataError:
 
 @dataclass
 class Location:
-    """A directory-like place: a local path or an s3:// prefix, with its fsspec filesystem."""
+    """A directory-like place (a local path, an s3:// prefix or another fsspec URL) with its
+    fsspec filesystem."""
 
     uri: str
     fs: fsspec.AbstractFileSystem
@@ -67,11 +70,17 @@ class Location:
     def of(cls, uri: str, cfg: DataConfig) -> Location:
         if is_s3(uri):
             return cls(uri.rstrip("/"), s3_filesystem(cfg))
+        if "://" in uri:  # hf:// (a hub dataset's files) and other fsspec URLs
+            return cls(uri.rstrip("/"), fsspec.core.url_to_fs(uri)[0])
         return cls(str(Path(uri).expanduser().resolve()), fsspec.filesystem("file"))
 
     @property
     def is_s3(self) -> bool:
         return is_s3(self.uri)
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.uri
 
     def child(self, name: str) -> Location:
         return Location(f"{self.uri}/{name}", self.fs)
@@ -87,26 +96,35 @@ class Location:
             return f.read()
 
     def write_text_atomic(self, text: str) -> None:
-        """Local: write a sibling and rename. S3: a single PUT is already atomic."""
-        if self.is_s3:
-            self.fs.pipe(self.uri, text.encode())
+        self.write_bytes_atomic(text.encode())
+
+    def write_bytes_atomic(self, data: bytes) -> None:
+        """Whole or absent. Local: write a uniquely named sibling and rename it into place (so
+        concurrent writers of one name never mix bytes). S3: a single PUT is already atomic."""
+        if not self.is_local:
+            self.fs.pipe(self.uri, data)
             return
-        tmp = Path(self.uri + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(self.uri)
+        path = Path(self.uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def arrow_filesystem(self):
         """The pyarrow filesystem Ray Data reads and writes through (None: local default)."""
-        if not self.is_s3:
+        if self.is_local:
             return None
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         return PyFileSystem(FSSpecHandler(self.fs))
 
     def ray_path(self, uri: str | None = None) -> str:
-        """A path as Ray Data wants it next to `arrow_filesystem()` (no scheme for S3)."""
+        """A path as Ray Data wants it next to `arrow_filesystem()` (no scheme)."""
         uri = uri or self.uri
-        return uri[len(S3_PREFIX):] if is_s3(uri) else uri
+        return uri.split("://", 1)[1] if "://" in uri else uri
 
 
 def list_source_files(source: str, cfg: DataConfig) -> tuple[list[str], Location]:
@@ -151,8 +169,16 @@ def local_files(source: str) -> list[Path]:
     return files
 
 
-def file_identity(path: str, location: Location) -> str:
-    """What changes when a file's content does: path, size and modification time or ETag."""
-    info = location.fs.info(path)
-    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+def file_identity(path: str, info: dict) -> str:
+    """What changes when a file's content does: path, size and modification time or ETag
+    (`info` is the filesystem's, `file_info`)."""
+    stamp = (info.get("ETag") or info.get("blob_id") or info.get("mtime")
+             or info.get("LastModified") or "")
     return f"{path}|{info.get('size')}|{stamp}"
+
+
+def file_info(path: str, location: Location) -> dict:
+    try:
+        return location.fs.info(path)
+    except Exception as e:  # network and permission errors surface as one line
+        raise _describe_s3_error(path, e) from None

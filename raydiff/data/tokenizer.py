@@ -2,28 +2,22 @@
 `transformers.AutoTokenizer.from_pretrained(dir)` loads it.
 
 Two ways to the same tokenizer: `train_word_tokenizer` runs the library's trainer over texts in
-one process; the Ray Data pipeline splits each block's texts into words on the workers
-(`word_tokens`, with the tokenizer's own normalizer and pre-tokenizer), counts the words of the
-whole training split on the driver, and builds the tokenizer from those counts
-(`select_vocabulary`, `tokenizer_from_vocabulary`) by the trainer's own rule, so the result is
-identical (tested).
+one process; `prepare` splits the texts into words on the workers (`words.split_words`, exactly
+as this tokenizer's normalizer and pre-tokenizer would), counts them there, and builds the
+tokenizer from the counts (`select_vocabulary`, `tokenizer_from_vocabulary`) by the trainer's
+own rule, so the result is identical (tested).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.trainers import WordLevelTrainer
-
-from raydiff.data.text import WORD_OR_PUNCT
 
 if TYPE_CHECKING:  # transformers costs seconds to import: Ray Data workers never need it
     from transformers import PreTrainedTokenizerFast
@@ -33,7 +27,7 @@ PAD_ID, UNK_ID = 0, 1
 SPECIAL_TOKENS = (PAD, UNK)
 
 
-def _word_pipeline(model: WordLevel, lowercase: bool) -> Tokenizer:
+def word_pipeline(model: WordLevel, lowercase: bool) -> Tokenizer:
     """NFKC (and lower-casing) -> words and runs of punctuation -> WordLevel ids."""
     tok = Tokenizer(model)
     steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
@@ -48,45 +42,11 @@ def train_word_tokenizer(texts: Iterable[str], vocab_size: int,
     """Keep the `vocab_size - 2` most frequent words (plus PAD = 0 and UNK = 1)."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = _word_pipeline(WordLevel(unk_token=UNK), lowercase)
+    tok = word_pipeline(WordLevel(unk_token=UNK), lowercase)
     trainer = WordLevelTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                min_frequency=1)
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK)
-
-
-def word_tokens(texts: Sequence[str], lowercase: bool = True) -> pa.ListArray:
-    """Each text as the tokenizer splits it into words (normalized words and runs of
-    punctuation), as its trainer counts them: list<string>, one list per text.
-
-    One pass of the library's Rust code: a WordLevel model over the words Python's regex finds
-    (the same pattern as the Whitespace pre-tokenizer) encodes the texts; where the Rust
-    normalizer or pre-tokenizer makes a word that regex did not (it comes back as UNK), that
-    text is split by the Rust pre-tokenizer itself. The result is exact either way.
-
-    The final tokenizer maps these words to the same ids as its own `encode` when no text holds
-    a special token literally (which it would match before splitting): `article_segments`
-    takes them out of the corpus."""
-    texts = list(texts)
-    vocabulary = [UNK, *set(WORD_OR_PUNCT.findall("\n".join(texts)))]  # UNK = local id 0
-    index = {word: i for i, word in enumerate(vocabulary)}
-    tok = _word_pipeline(WordLevel(index, unk_token=UNK), lowercase)
-    ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-    for i, text_ids in enumerate(ids):
-        if 0 in text_ids:  # a word the regex did not see
-            words = [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(
-                tok.normalizer.normalize_str(texts[i]))]
-            for word in words:
-                if word not in index:
-                    index[word] = len(vocabulary)
-                    vocabulary.append(word)
-            ids[i] = [index[w] for w in words]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
-                       count=int(lengths.sum()))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets),
-                                    pa.array(vocabulary, pa.string()).take(pa.array(flat)))
 
 
 def select_vocabulary(words: Sequence[str], counts: Sequence[int], vocab_size: int) -> list[str]:
@@ -99,7 +59,7 @@ def select_vocabulary(words: Sequence[str], counts: Sequence[int], vocab_size: i
 
 def tokenizer_from_vocabulary(vocabulary: Sequence[str], lowercase: bool = True) -> Tokenizer:
     """The tokenizer `train_word_tokenizer` would have trained to this vocabulary."""
-    tok = _word_pipeline(WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token=UNK),
+    tok = word_pipeline(WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token=UNK),
                          lowercase)
     tok.add_special_tokens(list(SPECIAL_TOKENS))  # as the trainer registers them
     return tok

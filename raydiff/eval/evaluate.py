@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -19,16 +18,13 @@ import numpy as np
 import torch
 
 from raydiff.config import apply_overrides
+from raydiff.data.batches import chunk_batches
 from raydiff.data.blocks import encode_blocks
-from raydiff.data.corpus import SPLITS, article_segments, chunk_batches, read_articles, split_of
-from raydiff.data.pipeline import (
-    looks_like_files,
-    read_manifest,
-    read_segments,
-    read_split_blocks,
-)
-from raydiff.data.storage import DataError, Location, is_s3
-from raydiff.data.tokenizer import load_tokenizer
+from raydiff.data.local import read_segments
+from raydiff.data.output import read_manifest
+from raydiff.data.prepared import prepared_tokenizer, read_split_blocks
+from raydiff.data.records import SPLITS
+from raydiff.data.storage import DataError, Location
 from raydiff.eval.generate import SamplerSettings, generate
 from raydiff.eval.loading import LoadedDiffusion, load_diffusion, load_reference, same_vocabulary
 from raydiff.eval.metrics import distinct_n, embedding_diagnostics, self_bleu, unique_share
@@ -64,12 +60,6 @@ def _is_prepared(source: str, loaded: LoadedDiffusion) -> Location | None:
         return None
 
 
-def _prepared_tokenizer(location: Location):
-    with tempfile.TemporaryDirectory() as tmp:
-        location.fs.get(location.child("tokenizer").uri + "/", tmp + "/", recursive=True)
-        return load_tokenizer(tmp)
-
-
 def held_out_blocks(source: str, loaded: LoadedDiffusion, split: str = "auto",
                     max_examples: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """(blocks, description) of `source`: a prepared directory (read as stored; its tokenizer
@@ -80,7 +70,7 @@ def held_out_blocks(source: str, loaded: LoadedDiffusion, split: str = "auto",
         raise ValueError(f"--split must be auto, all, {', '.join(SPLITS)}; got {split!r}")
     prepared = _is_prepared(source, loaded)
     if prepared is not None:
-        if not same_vocabulary(_prepared_tokenizer(prepared), loaded.tokenizer):
+        if not same_vocabulary(prepared_tokenizer(prepared), loaded.tokenizer):
             raise DataError(f"{source}: prepared with a different tokenizer than checkpoint "
                             f"{loaded.path}; pass the raw source instead")
         manifest = read_manifest(prepared)
@@ -92,13 +82,7 @@ def held_out_blocks(source: str, loaded: LoadedDiffusion, split: str = "auto",
         kind = "prepared"
     else:
         data_cfg = apply_overrides(loaded.cfg, {"data.source": source}).data
-        if source == "synthetic" or not (is_s3(source) or not looks_like_files(source)):
-            segments = {s: [] for s in SPLITS}
-            for article in read_articles(data_cfg):
-                name = split_of(article["id"], data_cfg.valid_fraction, data_cfg.test_fraction)
-                segments[name] += article_segments(article["text"], data_cfg)
-        else:  # s3 files or a hub dataset: Ray Data's reader (Ray must be running)
-            segments = read_segments(data_cfg)
+        segments = read_segments(data_cfg)  # any source, in this process
         names = list(SPLITS) if split in ("auto", "all") else [split]
         texts = [s for name in names for s in segments[name]]
         if max_examples is not None:
@@ -150,7 +134,7 @@ def evaluate(checkpoint: str, source: str, options: EvalOptions | None = None,
     if use_ray:
         import ray
 
-        from raydiff.train.trainer import start_ray
+        from raydiff.runtime import start_ray
 
         start_ray(loaded.cfg.ray.address)
         actors = opts.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -1,5 +1,6 @@
-"""Training in this one process (no Ray): data in memory, metrics and checkpoints under
-`train.output_dir/train.run_name`. Re-running the same run name resumes from its latest
+"""Training in this one process (no Ray): the prepared data (the same `prepare` output a Ray run
+reads, made in process when missing: `raydiff.data.local`) in memory, metrics and checkpoints
+under `train.output_dir/train.run_name`. Re-running the same run name resumes from its latest
 checkpoint.
 """
 
@@ -15,7 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from raydiff.config import Config
-from raydiff.data.corpus import build_corpus, chunk_batches, iterate_batches
+from raydiff.data.batches import chunk_batches, iterate_batches
+from raydiff.data.local import prepare_local
+from raydiff.data.prepared import prepared_tokenizer, read_split_blocks
 from raydiff.train.balance import PlacedBatch
 from raydiff.train.checkpoint import latest_checkpoint, save_checkpoint
 from raydiff.train.kinds import ENGINES
@@ -81,8 +84,10 @@ def train_local(cfg: Config, console: Console | None = None, kind: str = "diffus
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
 
-    corpus = build_corpus(cfg.data)
-    engine = ENGINES[kind](cfg, vocab_size=len(corpus.tokenizer), device=device,
+    prepared = prepare_local(cfg.data)  # a no-op when the prepared output exists
+    tokenizer = prepared_tokenizer(prepared.location)
+    splits = {s: read_split_blocks(prepared.path, s, cfg.data) for s in ("train", "valid")}
+    engine = ENGINES[kind](cfg, vocab_size=len(tokenizer), device=device,
                            precision=precision, seed=cfg.train.seed)
     resume_from = latest_checkpoint(run_dir)
     if resume_from is not None:
@@ -90,9 +95,9 @@ def train_local(cfg: Config, console: Console | None = None, kind: str = "diffus
 
     # the data order is a pure function of (seed, step): skip what the resumed run consumed
     train_batches = map(PlacedBatch, itertools.islice(
-        iterate_batches(corpus.splits["train"], cfg.train.batch_size, seed=cfg.train.seed),
+        iterate_batches(splits["train"], cfg.train.batch_size, seed=cfg.train.seed),
         engine.step, None))
-    valid = corpus.splits["valid"] if len(corpus.splits["valid"]["input_ids"]) else corpus.splits["train"]
+    valid = splits["valid"] if len(splits["valid"]["input_ids"]) else splits["train"]
 
     def valid_batches():
         return chunk_batches(valid, cfg.train.batch_size, cfg.train.eval_batches)
@@ -104,7 +109,7 @@ def train_local(cfg: Config, console: Console | None = None, kind: str = "diffus
                             console=console, transient=False)
     task = progress.add_task("train", total=cfg.train.max_steps, completed=engine.step,
                              info="") if progress else None
-    reporter = RunDirectoryReporter(run_dir, cfg, corpus.tokenizer, progress, task)
+    reporter = RunDirectoryReporter(run_dir, cfg, tokenizer, progress, task)
     if progress:
         progress.start()
     try:

@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 
 from raydiff.config import Config, build_config
-from raydiff.data.corpus import chunk_batches
-from raydiff.data.pipeline import open_prepared, prepare, read_split_blocks, training_datasets
+from raydiff.data.batches import chunk_batches
+from raydiff.data.pipeline import prepare
+from raydiff.data.prepared import open_prepared, read_split_blocks, training_datasets
 from raydiff.data.tokenizer import load_tokenizer
+from raydiff.runtime import start_ray
 from raydiff.train.balance import BalancedBatches, PlacedBatch, Throttle, gather_rows
 from raydiff.train.checkpoint import (
     STATE_FILE,
@@ -44,7 +46,6 @@ from raydiff.train.precision import group_precision, resolve_precision
 # Tune trial drivers (which only build and fit a TorchTrainer) hold this custom resource rather
 # than a CPU, so that on a small cluster the CPUs go to training workers (two trial drivers
 # holding the only two CPUs deadlock: no worker can start).
-TRIAL_DRIVER_RESOURCE = "raydiff_trial_driver"
 # reported per worker (`<name>_rank<i>`) as well; tokens_per_s also summed, the rest averaged
 PER_WORKER_METRICS = ("tokens_per_s", "local_batch")
 STOPPED_FILE = "stopped.json"  # why a run stopped before max_steps (NaN/inf loss)
@@ -225,22 +226,6 @@ class RayRun:
     result: LoopResult | None
     last_checkpoint: Path | None
     metrics: dict
-
-
-def start_ray(address: str | None) -> None:
-    """Join `address` (or RAY_ADDRESS); without either, start a local Ray sized to this machine."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    # a local Ray advertises the resource Tune trial drivers hold instead of a CPU; cluster
-    # nodes advertise it through their YAML (cluster/)
-    resources = {TRIAL_DRIVER_RESOURCE: 1000} if address == "local" else None
-    # the dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls: without
-    # it the workers' CPUs of a trial that Tune stopped are never released
-    ray.init(address=address, include_dashboard=True, log_to_driver=False, resources=resources,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:

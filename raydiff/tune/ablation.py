@@ -23,13 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raydiff.config import Config, ConfigError, apply_overrides, build_config, load_config
-from raydiff.train.trainer import (
-    TRIAL_DRIVER_RESOURCE,
-    build_trainer,
-    check_resources,
-    prepared_data,
-    start_ray,
-)
+from raydiff.runtime import TRIAL_DRIVER_RESOURCE, start_ray
+from raydiff.train.trainer import build_trainer, check_resources, prepared_data
 from raydiff.tune.space import param_space, trial_count
 
 BASE_CONFIG = "ablation.yaml"

@@ -75,7 +75,7 @@ def curves(experiment, key: str = "val_mse") -> dict[str, list[tuple[int, float]
 def abar_yardsticks(experiment, max_examples: int = 1000) -> dict[str, list[dict]]:
     """Token accuracy and mse per abar bucket of each trial's last checkpoint on the valid
     split: comparable across schedules, unlike raw validation mse."""
-    from raydiff.data.pipeline import output_location
+    from raydiff.data.sources import output_location
     from raydiff.eval.evaluate import held_out_blocks
     from raydiff.eval.loading import load_diffusion
     from raydiff.eval.scoring import score_in_process, summarize_scores

@@ -1,0 +1,213 @@
+"""The per-block stages of `prepare`: pure functions of Arrow tables, no Ray, so that the Ray
+Data plan (`pipeline.py`) and the in-process one (`local.py`) run the very same code.
+
+    records --SegmentStage--> segment rows + tallies --(dedup: group by (kind, text):
+                                                         min rank, min pos, sum n)-->
+    unique  --WordStage-----> words + tallies
+    words   --word_counts---> (word, count), per block --(group by word: sum)-->
+    counts  --TopWords------> the vocabulary's candidates (the driver picks among them)
+    words   --EncodeStage---> fixed-length blocks + tallies --(shards.write_shards)--> Parquet
+
+Tallies are how the counts of every kind of record travel with the data: rows of `kind` >= 1
+(see TALLY) whose `n` is a count, aggregated by the same group-by that removes duplicates, so no
+stage needs a second pass over the input to count it. A segment row has kind 0, n = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raydiff.config import DataConfig
+from raydiff.data.blocks import fixed_blocks
+from raydiff.data.clean import article_segments
+from raydiff.data.records import (
+    LINE_BITS,
+    MAX_LINE_BYTES,
+    RANK_OF_SPLIT,
+    STATUS,
+    STATUSES,
+    InputFile,
+    parse_lines,
+    split_of,
+)
+from raydiff.data.tokenizer import SPECIAL_TOKENS, UNK_ID
+from raydiff.data.unicode import CharTables
+from raydiff.data.words import WORDS, split_words
+
+SEGMENT = 0  # kind of a segment row; tallies below
+TALLY = {"articles": 1} | {status: 2 + code for code, status in enumerate(STATUSES)}
+TALLY_NAME = {kind: name for name, kind in TALLY.items()}
+SEG_BITS = 20  # segments per article < 2^19: an article has at most MAX_LINE_BYTES characters
+assert (1 << SEG_BITS) > MAX_LINE_BYTES // 2 + 1 and LINE_BITS + 16 + SEG_BITS <= 63
+TRAIN = RANK_OF_SPLIT["train"]
+
+SEGMENT_ROWS = pa.schema([
+    ("kind", pa.int8()),  # SEGMENT, or a TALLY kind
+    ("text", pa.string()),  # the segment; a corrupt_file tally: "<path>: <reason>"
+    ("rank", pa.int8()),  # RANK_OF_SPLIT of the segment's article (min over duplicates)
+    ("pos", pa.int64()),  # (record order << SEG_BITS) | index in the article (min: first)
+    ("n", pa.int64()),  # 1 per segment (sum: occurrences); a tally's count
+])
+WORD_ROWS = pa.schema([
+    ("kind", pa.int8()), ("text", pa.string()), ("rank", pa.int8()), ("pos", pa.int64()),
+    ("n", pa.int64()), ("words", WORDS),
+])
+COUNTS = pa.schema([("word", pa.string()), ("count", pa.int64())])
+
+
+def dedup_keys() -> list[str]:
+    return ["kind", "text"]
+
+
+@dataclass(frozen=True)
+class SegmentStage:
+    """Records -> the segments of the kept articles, and tallies of every record's status.
+    `last_order` is the order key of the last article `data.max_articles` keeps (None: all)."""
+
+    cfg: DataConfig
+    files: tuple[InputFile, ...]
+    tables: CharTables
+    last_order: int | None = None
+
+    def __call__(self, records: pa.Table) -> pa.Table:
+        records = parse_lines(records, list(self.files), self.cfg)
+        status = records["status"].to_numpy()
+        ok = status == STATUS["ok"]
+        if ok.any():  # an article longer than a line may be is not one
+            long = pc.greater(pc.utf8_length(records["text"]), MAX_LINE_BYTES).to_numpy(
+                zero_copy_only=False)
+            status = np.where(ok & (long == True), STATUS["too_long"], status)  # noqa: E712
+            ok = status == STATUS["ok"]
+        kept = ok if self.last_order is None else \
+            ok & (records["order"].to_numpy() <= self.last_order)
+        rows = np.flatnonzero(kept)
+        ids = records["id"].take(pa.array(rows)).to_pylist()
+        texts = records["text"].take(pa.array(rows)).to_pylist()
+        order = records["order"].to_numpy()[rows]
+        rank = np.fromiter((RANK_OF_SPLIT[split_of(i, self.cfg.valid_fraction,
+                                                    self.cfg.test_fraction)] for i in ids),
+                           np.int8, len(ids))
+        segments, article = article_segments(texts, self.cfg, self.tables)
+        first = np.searchsorted(article, article)  # index of each article's first segment
+        pos = (order[article] << SEG_BITS) | (np.arange(len(article)) - first)
+        n = len(segments)
+        segment_rows = pa.table([pa.array(np.zeros(n, np.int8)), segments,
+                                 pa.array(rank[article]), pa.array(pos),
+                                 pa.array(np.ones(n, np.int64))], schema=SEGMENT_ROWS)
+        return pa.concat_tables([segment_rows, self._tallies(records, status, len(rows))])
+
+    def _tallies(self, records: pa.Table, status: np.ndarray, articles: int) -> pa.Table:
+        codes, counts = np.unique(status, return_counts=True)
+        kinds = [TALLY["articles"], *(2 + int(c) for c in codes if c != STATUS["corrupt_file"])]
+        values = [articles, *(int(n) for c, n in zip(codes, counts, strict=True)
+                              if c != STATUS["corrupt_file"])]
+        texts: list[str | None] = [None] * len(kinds)
+        corrupt = np.flatnonzero(status == STATUS["corrupt_file"])
+        for row in corrupt:  # one tally per damaged file, naming it
+            order = records["order"][int(row)].as_py()
+            why = records["raw"][int(row)].as_py().decode("utf-8", "replace")
+            kinds.append(TALLY["corrupt_file"])
+            texts.append(f"{self.files[order >> LINE_BITS].path}: {why}")
+            values.append(1)
+        k = len(kinds)
+        return pa.table([pa.array(kinds, pa.int8()), pa.array(texts, pa.string()),
+                         pa.nulls(k, pa.int8()), pa.nulls(k, pa.int64()),
+                         pa.array(values, pa.int64())], schema=SEGMENT_ROWS)
+
+
+@dataclass(frozen=True)
+class WordStage:
+    """Unique segments -> their words (the segment text is dropped); tallies pass."""
+
+    tables: CharTables
+
+    def __call__(self, unique: pa.Table) -> pa.Table:
+        unique = unique.select(SEGMENT_ROWS.names).cast(SEGMENT_ROWS)
+        is_segment = pc.equal(unique["kind"], SEGMENT)
+        rows = np.flatnonzero(is_segment.to_numpy(zero_copy_only=False))
+        words = split_words(unique["text"].take(pa.array(rows)).combine_chunks(), self.tables)
+        placed = np.full(len(unique), -1, np.int64)
+        placed[rows] = np.arange(len(rows))
+        all_words = words.take(pa.array(placed, mask=placed < 0))  # nulls for tallies
+        text = pc.if_else(is_segment, pa.scalar(None, pa.string()), unique["text"])
+        return pa.table([unique["kind"], text, unique["rank"], unique["pos"], unique["n"],
+                         all_words], schema=WORD_ROWS)
+
+
+def word_counts(block: pa.Table) -> pa.Table:
+    """How often each word occurs in this block's train segments."""
+    train = pc.and_(pc.equal(block["kind"], SEGMENT), pc.equal(block["rank"], TRAIN))
+    words = pc.list_flatten(block.filter(train)["words"])
+    counts = pc.value_counts(words)
+    return pa.table([counts.field("values"), counts.field("counts")], schema=COUNTS)
+
+
+@dataclass(frozen=True)
+class TopWords:
+    """The `limit` words of this block that rank first by the vocabulary's rule (count
+    descending, then code points). Every word of the final vocabulary ranks among the first
+    `limit` of whichever block holds its (complete) count, so these are all the driver needs."""
+
+    limit: int
+
+    def __call__(self, counts: pa.Table) -> pa.Table:
+        counts = counts.select(COUNTS.names).cast(COUNTS)
+        counts = counts.filter(pc.invert(pc.is_in(counts["word"],
+                                                  value_set=pa.array(SPECIAL_TOKENS))))
+        order = pc.sort_indices(counts, sort_keys=[("count", "descending"),
+                                                   ("word", "ascending")])
+        return counts.take(order[:self.limit])
+
+
+def block_rows(seq_len: int) -> pa.Schema:
+    """What EncodeStage emits: blocks of segments (kind 0) and the tallies."""
+    return pa.schema([
+        ("kind", pa.int8()), ("text", pa.string()), ("rank", pa.int8()), ("n", pa.int64()),
+        ("row_id", pa.int64()), ("input_ids", pa.list_(pa.int32(), seq_len)),
+        ("attention_mask", pa.list_(pa.int8(), seq_len)),
+    ])
+
+
+@dataclass(frozen=True)
+class EncodeStage:
+    """Words -> token ids in the vocabulary (UNK outside it) -> right-padded, truncated blocks
+    of `seq_len`; `row_id` is the segment's first position (unique, deterministic). Only the
+    segments of `split` when given; the tallies pass when `tallies`."""
+
+    vocabulary: tuple[str, ...]
+    seq_len: int
+    split: str | None = None
+    tallies: bool = True
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        block = block.select(WORD_ROWS.names).cast(WORD_ROWS)
+        is_segment = pc.equal(block["kind"], SEGMENT)
+        wanted = is_segment if self.split is None else \
+            pc.and_(is_segment, pc.equal(block["rank"], RANK_OF_SPLIT[self.split]))
+        segments = block.filter(wanted)
+        words = segments["words"].combine_chunks()
+        ids = pc.index_in(pc.list_flatten(words), value_set=pa.array(self.vocabulary, pa.string()))
+        ids = ids.fill_null(UNK_ID).to_numpy().astype(np.int32)
+        lengths = pc.list_value_length(words).to_numpy().astype(np.int64)
+        input_ids, mask = fixed_blocks(ids, lengths, self.seq_len)
+        schema = block_rows(self.seq_len)
+        encoded = pa.table([segments["kind"], segments["text"], segments["rank"], segments["n"],
+                            segments["pos"], fixed_lists(input_ids), fixed_lists(mask)],
+                           schema=schema)
+        if not self.tallies:
+            return encoded
+        tallies = block.filter(pc.invert(is_segment))
+        k = len(tallies)
+        tallies = pa.table([tallies["kind"], tallies["text"], tallies["rank"], tallies["n"],
+                            pa.nulls(k, pa.int64()), pa.nulls(k, schema.field("input_ids").type),
+                            pa.nulls(k, schema.field("attention_mask").type)], schema=schema)
+        return pa.concat_tables([encoded, tallies])
+
+
+def fixed_lists(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, L) -> an Arrow fixed_size_list<L> column, without a Python loop."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
