@@ -9,9 +9,9 @@ Parquet shards, every stage that touches the corpus on the workers.
     materialize                               the unique segments' words, in the object store
     map_batches(word_counts) -> groupby(word).sum -> map_batches(TopWords)
                                               -> the vocabulary's candidates, to the driver
-    per split: map_batches(EncodeStage) -> write_datasink(ShardSink)
-                                              ids, blocks, Parquet shards of data.shard_rows;
-                                              their statistics back to the driver
+    map_batches(EncodeStage) -> write_datasink(ShardSink)
+                                              ids, blocks, Parquet shards of at most
+                                              data.shard_rows; their statistics, to the driver
 
 The driver holds the file list, the character tables, at most `vocab_size` candidate words per
 count partition, one statistics record per shard and the manifest: nothing that grows with the
@@ -47,7 +47,7 @@ from raydiff.data.output import (
     write_tokenizer,
 )
 from raydiff.data.prepared import PreparedData
-from raydiff.data.records import SPLITS, STATUS, parse_lines, read_records, records_of_articles
+from raydiff.data.records import STATUS, parse_lines, read_records, records_of_articles
 from raydiff.data.sources import Source, fingerprint, output_location, resolve_source
 from raydiff.data.stages import (
     COUNTS,
@@ -86,13 +86,16 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
     partitions = max(2 * cpus, math.ceil(inflated / PARTITION_BYTES))
     per_task = max(256 << 10, inflated // (TASKS_PER_CPU * cpus))
 
+    nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU"))
+
     def tuned(dataset, data_bytes: int = per_task):
-        return _tuned(dataset, min(BLOCK_BYTES, data_bytes), min(SHUFFLE_MAP_BYTES, data_bytes))
+        return _tuned(dataset, min(BLOCK_BYTES, data_bytes), min(SHUFFLE_MAP_BYTES, data_bytes),
+                      nodes)
 
     marks.append(time.perf_counter())
 
     stage = SegmentStage(cfg, tuple(source.files), tables, _last_order(source, cfg))
-    words = (tuned(_records(source, cfg))
+    words = (tuned(_records(source, cfg, fused=len(source.files) >= 2 * cpus))
              .map_batches(stage, batch_size=None, batch_format="pyarrow")
              .groupby(["kind", "text"], num_partitions=partitions)
              .aggregate(Min("rank", alias_name="rank"), Min("pos", alias_name="pos"),
@@ -101,8 +104,7 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
              .materialize())
     marks.append(time.perf_counter())
 
-    # the counts are far smaller than the text: their shuffle-map tasks take less each
-    candidates = (tuned(words, per_task // 16)
+    candidates = (tuned(words)
                   .map_batches(word_counts, batch_size=None, batch_format="pyarrow")
                   .groupby("word", num_partitions=partitions)
                   .aggregate(Sum("count", alias_name="count"))
@@ -113,14 +115,14 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
     marks.append(time.perf_counter())
 
     with Staging(out) as staging:
-        results = []
-        for split in SPLITS:  # a pass each, so that every split's shards are full
-            sink = ShardSink(staging, cfg.shard_rows)
-            encode = EncodeStage(tuple(vocabulary), cfg.seq_len, split,
-                                 tallies=split == SPLITS[0])
-            tuned(words).map_batches(encode, batch_size=None,
-                                     batch_format="pyarrow").write_datasink(sink)
-            results += sink.results
+        # one pass for every split; each write task gets up to ten shards' worth of rows, so
+        # that the held-out splits' shards (5% each by default) are not tiny
+        rows_per_task = min(10 * cfg.shard_rows,
+                            max(cfg.shard_rows, words.count() // (2 * cpus)))
+        sink = ShardSink(staging, cfg.shard_rows, rows_per_task)
+        (tuned(words).map_batches(EncodeStage(tuple(vocabulary), cfg.seq_len), batch_size=None,
+                                  batch_format="pyarrow").write_datasink(sink))
+        results = sink.results
         vocab_size = write_tokenizer(staging, vocabulary, cfg.lowercase)
         marks.append(time.perf_counter())
         names = ("tables_s", "segments_s", "vocabulary_s", "write_s")
@@ -131,7 +133,7 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
     return PreparedData(out, manifest, reused=False)
 
 
-def _tuned(dataset, block_bytes: int, map_bytes: int):
+def _tuned(dataset, block_bytes: int, map_bytes: int, nodes: int = 1):
     """`dataset` with this pipeline's execution settings, in its own copy of the DataContext.
     Measured on 2 CPUs (docs/benchmarks.md): Ray's defaults (blocks of up to 128 MiB, 1 GiB of
     input per shuffle-map task, a CPU reservation for each of the operators) ran the
@@ -140,6 +142,8 @@ def _tuned(dataset, block_bytes: int, map_bytes: int):
     context.target_max_block_size = block_bytes
     context.shuffle_input_batch_bytes = map_bytes
     context.op_resource_reservation_enabled = False
+    if nodes == 1:  # shuffled blocks never cross a network: compressing them only costs CPU
+        context.shuffle_compression = "none"
     return dataset
 
 
@@ -150,15 +154,18 @@ def _inflated_bytes(source: Source, cfg: DataConfig) -> int:
     return sum(f.size * (4 if f.compressed else 1) for f in source.files)
 
 
-def _records(source: Source, cfg: DataConfig):
-    """The source's records as a lazy dataset (`records.RECORDS`)."""
+def _records(source: Source, cfg: DataConfig, fused: bool = False):
+    """The source's records as a lazy dataset (`records.RECORDS`). A read task asks for half a
+    CPU, so that it stays apart from the segmenting that follows and one large file still keeps
+    every CPU busy; with enough files to go round (`fused`), a whole CPU, and Ray runs each
+    file's reading and segmenting in one task."""
     if source.kind == "synthetic":
         records = records_of_articles(synthetic_news(cfg.synthetic_size, cfg.seed), "synthetic")
         blocks = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         step = math.ceil(records.num_rows / blocks)
         return ray.data.from_arrow([records.slice(i, step)
                                     for i in range(0, records.num_rows, step)])
-    return ray.data.read_datasource(CorpusFiles(source, cfg), num_cpus=0.5,
+    return ray.data.read_datasource(CorpusFiles(source, cfg), num_cpus=1 if fused else 0.5,
                                     override_num_blocks=len(source.files))
 
 
@@ -210,8 +217,9 @@ class ShardSink(Datasink):
     """Each write task writes its blocks' shards and returns their statistics; the driver's
     sink collects them (`results`) when the write completes."""
 
-    def __init__(self, stage: Location, shard_rows: int):
-        self.stage, self.shard_rows, self.results = stage, shard_rows, []
+    def __init__(self, stage: Location, shard_rows: int, rows_per_task: int):
+        self.stage, self.shard_rows, self.rows_per_task = stage, shard_rows, rows_per_task
+        self.results = []
 
     def write(self, blocks, ctx) -> list[dict]:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
@@ -226,4 +234,4 @@ class ShardSink(Datasink):
 
     @property
     def min_rows_per_write(self) -> int:  # Ray gathers this many rows for each write task
-        return self.shard_rows
+        return self.rows_per_task
