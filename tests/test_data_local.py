@@ -98,3 +98,43 @@ def test_prepared_in_process_splits_do_not_share_articles_and_batches_cover_data
         == sorted(map(tuple, whole["input_ids"].tolist()))
     assert sum(len(b["input_ids"]) for b in chunk_batches(valid, 7)) == len(valid["input_ids"])
     assert prepare_local(cfg).reused
+
+
+def test_arrow_json_parsing_equals_json_loads_on_hostile_lines(tmp_path):
+    """Every line Arrow's JSON reader might read differently from `json.loads` either gives
+    the same article or sends its block to `json.loads`."""
+    import pyarrow as pa
+
+    from raydiff.data.parse import parse_lines
+    from raydiff.data.records import LINE, RECORDS, InputFile
+
+    blocks = [  # one block each: a refusal anywhere sends the whole block to Python
+        ['{"id": "a", "text": "plain", "title": "T"}', '{"text": "no id"}',
+         '{"id": "b", "text": "  \\u3000 "}',
+         '{"id": "c", "text": null}', '{"id": "d"}', '{"text": "x", "title": "  "}',
+         '{"id": "e", "text": "esc \\n \\u00e9 \\ud83d\\ude00 \\/"}', '{"other": [1, {"a": 2}]}'],
+        ['{"id": 1, "text": "ints"}', '{"id": 2, "text": "only"}'],
+        ['{"id": "a", "text": "x"}', '{"id": 7, "text": "mixed id types"}'],
+        ['{"id": 1.0, "text": "float id"}'], ['{"id": true, "text": "bool id"}'],
+        ['{"id": "a", "text": "x", "text": "dup"}'], ['[1, 2]'], ['"just a string"'],
+        ['{"text": NaN}'], ['{"text": 5}'], ['\ufeff{"text": "bom"}'],
+        ['{"text": "lone \\ud800 surrogate"}'], ['{"text": "ctl \x01"}'], ['{bad json'],
+        ['{"id": 9223372036854775808, "text": "big"}'], ['{"text": "ok"} trailing'],
+        ['{"id": "z", "text": "caf\udce9"}'],  # becomes invalid UTF-8 below
+    ]
+    arrow_reads = 2  # the first two blocks: everything in them Arrow reads as Python does
+    cfg = load_config(None, ["data.title_column=title"]).data
+    files = [InputFile(0, "f.jsonl", "f.jsonl")]
+    from raydiff.data import parse
+
+    for k, lines in enumerate(blocks):
+        raws = [line.encode("utf-8", "surrogateescape") for line in lines]
+        records = pa.table([pa.array(range(len(raws)), pa.int64()),
+                            pa.array([LINE] * len(raws), pa.int8()), pa.array(raws, pa.binary()),
+                            pa.nulls(len(raws), pa.string()), pa.nulls(len(raws), pa.string())],
+                           schema=RECORDS)
+        fast, reference = parse_lines(records, files, cfg), parse_lines(records, files, cfg,
+                                                                         fast=False)
+        assert fast.to_pylist() == reference.to_pylist(), lines
+        took_arrow = parse._with_arrow(records["raw"], np.arange(len(raws)), files[0], cfg)
+        assert (took_arrow is not None) == (k < arrow_reads), lines

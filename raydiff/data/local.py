@@ -23,12 +23,12 @@ from raydiff.data.output import (
     write_shards,
     write_tokenizer,
 )
+from raydiff.data.parse import parse_lines
 from raydiff.data.prepared import PreparedData
 from raydiff.data.records import (
     SPLIT_OF_RANK,
     SPLITS,
     STATUS,
-    parse_lines,
     read_records,
     records_of_articles,
 )

@@ -46,8 +46,9 @@ from raydiff.data.output import (
     write_shards,
     write_tokenizer,
 )
+from raydiff.data.parse import parse_lines
 from raydiff.data.prepared import PreparedData
-from raydiff.data.records import STATUS, parse_lines, read_records, records_of_articles
+from raydiff.data.records import STATUS, read_records, records_of_articles
 from raydiff.data.sources import Source, fingerprint, output_location, resolve_source
 from raydiff.data.stages import (
     COUNTS,

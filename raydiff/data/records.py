@@ -7,8 +7,8 @@ by its magic bytes (gzip, bz2, xz, zstd), whatever the file is called. A file th
 inflated or parsed (truncated, corrupt) becomes one `corrupt_file` record with the reason; the
 records before the damage are kept, and the rest of the corpus is read as usual.
 
-`parse_lines` turns the raw lines into articles; it runs in the parallel stage, not in the
-reader, so that one large file does not leave the other CPUs idle.
+`parse.parse_lines` turns the raw lines into articles; it runs in the segmenting stage, not in
+the reader, so that one large file does not leave the other CPUs idle.
 """
 
 from __future__ import annotations
@@ -17,15 +17,12 @@ import bz2
 import gzip
 import hashlib
 import io
-import json
 import lzma
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from raydiff.config import DataConfig
 
@@ -260,62 +257,3 @@ def _table(orders, statuses, raw=None, ids=None, texts=None) -> pa.Table:
                      pa.array(ids if ids is not None else [None] * n, pa.string()),
                      pa.array(texts if texts is not None else [None] * n, pa.string())],
                     schema=RECORDS)
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
-def parse_lines(records: pa.Table, files: list[InputFile], cfg: DataConfig) -> pa.Table:
-    """Parse the raw LINE records (UTF-8, then JSON unless the file is text) into articles;
-    other records pass unchanged."""
-    status = records["status"].to_numpy()
-    lines = np.flatnonzero(status == LINE)
-    if not len(lines):
-        return records
-    orders = records["order"].to_numpy()
-    raws = records["raw"].take(pa.array(lines)).to_pylist()
-    statuses, ids, texts = status.copy(), records["id"].to_pylist(), records["text"].to_pylist()
-    for row, raw in zip(lines.tolist(), raws, strict=True):
-        order = int(orders[row])
-        file = files[order >> LINE_BITS]
-        lineno = order & (MAX_LINES - 1)
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            statuses[row] = STATUS["invalid_utf8"]
-            continue
-        fallback = f"{file.id_prefix}:{lineno}"
-        if file.is_text:
-            article = (fallback, line) if line.strip() else None
-        else:
-            try:
-                article = article_from_row(json.loads(line), cfg, fallback)
-            except json.JSONDecodeError:
-                statuses[row] = STATUS["malformed_json"]
-                continue
-        if article is None:
-            statuses[row] = STATUS["empty_text"]
-        else:
-            statuses[row] = STATUS["ok"]
-            ids[row], texts[row] = article
-    try:
-        text_array = pa.array(texts, pa.string())
-    except (UnicodeEncodeError, pa.ArrowInvalid):  # JSON can spell lone surrogates
-        for row, text in enumerate(texts):
-            if text is not None and not _encodable(text):
-                statuses[row], ids[row], texts[row] = STATUS["invalid_utf8"], None, None
-        text_array = pa.array(texts, pa.string())
-    raw = records["raw"]
-    raw = raw.combine_chunks() if isinstance(raw, pa.ChunkedArray) else raw
-    keep_raw = pa.array(status != LINE)  # a corrupt file's reason stays
-    return pa.table([records["order"], pa.array(statuses, pa.int8()),
-                     pc.if_else(keep_raw, raw, pa.nulls(len(records), pa.binary())),
-                     pa.array(ids, pa.string()), text_array], schema=RECORDS)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False

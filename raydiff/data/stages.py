@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from raydiff.config import DataConfig
 from raydiff.data.blocks import fixed_blocks
 from raydiff.data.clean import article_segments
+from raydiff.data.parse import parse_lines
 from raydiff.data.records import (
     LINE_BITS,
     MAX_LINE_BYTES,
@@ -31,7 +32,6 @@ from raydiff.data.records import (
     STATUS,
     STATUSES,
     InputFile,
-    parse_lines,
     split_of,
 )
 from raydiff.data.tokenizer import SPECIAL_TOKENS, UNK_ID
