@@ -96,7 +96,7 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
     marks.append(time.perf_counter())
 
     stage = SegmentStage(cfg, tuple(source.files), tables, _last_order(source, cfg))
-    words = (tuned(_records(source, cfg, fused=len(source.files) >= 2 * cpus))
+    words = (tuned(_records(source, cfg, fused=_files_go_round(source, cpus)))
              .map_batches(stage, batch_size=None, batch_format="pyarrow")
              .groupby(["kind", "text"], num_partitions=partitions)
              .aggregate(Min("rank", alias_name="rank"), Min("pos", alias_name="pos"),
@@ -146,6 +146,13 @@ def _tuned(dataset, block_bytes: int, map_bytes: int, nodes: int = 1):
     if nodes == 1:  # shuffled blocks never cross a network: compressing them only costs CPU
         context.shuffle_compression = "none"
     return dataset
+
+
+def _files_go_round(source: Source, cpus: int) -> bool:
+    """Whether whole files, one task each, keep every CPU busy: at least one per CPU, and none
+    more than a CPU's share of the bytes (one large file and a few small ones: no)."""
+    sizes = [f.size for f in source.files]
+    return len(sizes) >= cpus and max(sizes, default=0) * cpus <= sum(sizes)
 
 
 def _inflated_bytes(source: Source, cfg: DataConfig) -> int:
