@@ -14,6 +14,7 @@ byte. tests/test_clean.py checks the whole against a plain-Python reference.
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import unicodedata
@@ -39,7 +40,13 @@ SENTENCE_END = rf"([.!?]){PY_SPACE_CLASS}+([\"'(\[]?[A-Z0-9])"
 
 
 def compile_boilerplate(patterns: Sequence[str]) -> re.Pattern | None:
-    """One (Python) regex matching any of `data.boilerplate_patterns`; None when there are none."""
+    """One (Python) regex matching any of `data.boilerplate_patterns`; None when there are none.
+    Compiled once per process, not once per batch."""
+    return _boilerplate(tuple(patterns))
+
+
+@functools.lru_cache(maxsize=8)
+def _boilerplate(patterns: tuple[str, ...]) -> re.Pattern | None:
     if not patterns:
         return None
     for p in patterns:

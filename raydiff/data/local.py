@@ -23,23 +23,23 @@ from raydiff.data.output import (
     write_shards,
     write_tokenizer,
 )
-from raydiff.data.parse import parse_lines
 from raydiff.data.prepared import PreparedData
 from raydiff.data.records import (
     SPLIT_OF_RANK,
     SPLITS,
-    STATUS,
     read_records,
     records_of_articles,
 )
 from raydiff.data.sources import Source, fingerprint, output_location, resolve_source
 from raydiff.data.stages import (
+    DEDUP_AGGREGATES,
+    DEDUP_KEYS,
     SEGMENT,
     EncodeStage,
     SegmentStage,
+    SmallestOk,
     TopWords,
     WordStage,
-    dedup_keys,
     word_counts,
 )
 from raydiff.data.storage import DataError
@@ -60,9 +60,8 @@ def prepare_local(cfg: DataConfig) -> PreparedData:
     tables = CharTables.build(cfg.lowercase, cfg.pack)
     stage = SegmentStage(cfg, tuple(source.files), tables, last_order(source, cfg))
     segments = pa.concat_tables([stage(block) for block in read_source(source, cfg)])
-    unique = segments.group_by(dedup_keys(), use_threads=False).aggregate(
-        [("rank", "min"), ("pos", "min"), ("n", "sum")]
-    ).rename_columns({"rank_min": "rank", "pos_min": "pos", "n_sum": "n"})
+    unique = segments.group_by(list(DEDUP_KEYS), use_threads=False).aggregate(
+        list(DEDUP_AGGREGATES)).rename_columns({f"{c}_{how}": c for c, how in DEDUP_AGGREGATES})
     words = WordStage(tables)(unique)
     counted = time.perf_counter()
     vocabulary = choose_vocabulary(TopWords(cfg.vocab_size)(word_counts(words)), cfg, source)
@@ -94,11 +93,8 @@ def last_order(source: Source, cfg: DataConfig) -> int | None:
     """The order key of the `data.max_articles`-th article that parses (None: keep all)."""
     if cfg.max_articles is None:
         return None
-    orders = []
-    for block in read_source(source, cfg):
-        parsed = parse_lines(block, source.files, cfg)
-        orders.append(parsed["order"].filter(pc.equal(parsed["status"], STATUS["ok"]))
-                      .to_numpy())
+    firsts = SmallestOk(tuple(source.files), cfg, cfg.max_articles)
+    orders = [firsts(block)["order"].to_numpy() for block in read_source(source, cfg)]
     orders = np.sort(np.concatenate(orders)) if orders else np.zeros(0, np.int64)
     return int(orders[min(cfg.max_articles, len(orders)) - 1]) if len(orders) else None
 

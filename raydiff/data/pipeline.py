@@ -29,7 +29,6 @@ import math
 import time
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data.aggregate import Min, Sum
@@ -46,14 +45,16 @@ from raydiff.data.output import (
     write_shards,
     write_tokenizer,
 )
-from raydiff.data.parse import parse_lines
 from raydiff.data.prepared import PreparedData
-from raydiff.data.records import STATUS, read_records, records_of_articles
+from raydiff.data.records import read_records, records_of_articles
 from raydiff.data.sources import Source, fingerprint, output_location, resolve_source
 from raydiff.data.stages import (
     COUNTS,
+    DEDUP_AGGREGATES,
+    DEDUP_KEYS,
     EncodeStage,
     SegmentStage,
+    SmallestOk,
     TopWords,
     WordStage,
     word_counts,
@@ -98,9 +99,9 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
     stage = SegmentStage(cfg, tuple(source.files), tables, _last_order(source, cfg))
     words = (tuned(_records(source, cfg, fused=_files_go_round(source, cpus)))
              .map_batches(stage, batch_size=None, batch_format="pyarrow")
-             .groupby(["kind", "text"], num_partitions=partitions)
-             .aggregate(Min("rank", alias_name="rank"), Min("pos", alias_name="pos"),
-                        Sum("n", alias_name="n"))
+             .groupby(list(DEDUP_KEYS), num_partitions=partitions)
+             .aggregate(*({"min": Min, "sum": Sum}[how](c, alias_name=c)
+                          for c, how in DEDUP_AGGREGATES))
              .map_batches(WordStage(tables), batch_size=None, batch_format="pyarrow")
              .materialize())
     marks.append(time.perf_counter())
@@ -182,18 +183,9 @@ def _last_order(source: Source, cfg: DataConfig) -> int | None:
     first pass that only parses, keeping the smallest keys of each block, then Ray Data's sort."""
     if cfg.max_articles is None:
         return None
-    keep, files = cfg.max_articles, list(source.files)
-
-    def smallest_ok(block: pa.Table) -> pa.Table:
-        parsed = parse_lines(block, files, cfg)
-        orders = parsed["order"].filter(pc.equal(parsed["status"], STATUS["ok"]))
-        smallest = pc.bottom_k_unstable(orders, min(keep, len(orders)))  # their indices
-        return pa.table({"order": orders.take(smallest)})
-
-    firsts = (_records(source, cfg).map_batches(smallest_ok, batch_size=None,
-                                                 batch_format="pyarrow")
-              .sort("order").limit(keep))
-    return firsts.max("order")
+    firsts = SmallestOk(tuple(source.files), cfg, cfg.max_articles)
+    return (_records(source, cfg).map_batches(firsts, batch_size=None, batch_format="pyarrow")
+            .sort("order").limit(cfg.max_articles).max("order"))
 
 
 class CorpusFiles(FileBasedDatasource):

@@ -59,8 +59,25 @@ WORD_ROWS = pa.schema([
 COUNTS = pa.schema([("word", pa.string()), ("count", pa.int64())])
 
 
-def dedup_keys() -> list[str]:
-    return ["kind", "text"]
+# de-duplication: group segment rows (and tallies) by these, aggregate so (column, how)
+DEDUP_KEYS = ("kind", "text")
+DEDUP_AGGREGATES = (("rank", "min"), ("pos", "min"), ("n", "sum"))
+
+
+@dataclass(frozen=True)
+class SmallestOk:
+    """Records -> the order keys of this block's first `keep` articles that parse: every
+    block's, merged, hold the `data.max_articles`-th article's key."""
+
+    files: tuple[InputFile, ...]
+    cfg: DataConfig
+    keep: int
+
+    def __call__(self, records: pa.Table) -> pa.Table:
+        parsed = parse_lines(records, list(self.files), self.cfg)
+        orders = parsed["order"].filter(pc.equal(parsed["status"], STATUS["ok"]))
+        first = pc.bottom_k_unstable(orders, min(self.keep, len(orders)))  # their indices
+        return pa.table({"order": orders.take(first)})
 
 
 @dataclass(frozen=True)
@@ -78,9 +95,9 @@ class SegmentStage:
         status = records["status"].to_numpy()
         ok = status == STATUS["ok"]
         if ok.any():  # an article longer than a line may be is not one
-            long = pc.greater(pc.utf8_length(records["text"]), MAX_LINE_BYTES).to_numpy(
-                zero_copy_only=False)
-            status = np.where(ok & (long == True), STATUS["too_long"], status)  # noqa: E712
+            long = pc.fill_null(pc.greater(pc.utf8_length(records["text"]), MAX_LINE_BYTES),
+                                False).to_numpy(zero_copy_only=False)
+            status = np.where(ok & long, STATUS["too_long"], status)
             ok = status == STATUS["ok"]
         kept = ok if self.last_order is None else \
             ok & (records["order"].to_numpy() <= self.last_order)
@@ -175,20 +192,16 @@ def block_rows(seq_len: int) -> pa.Schema:
 @dataclass(frozen=True)
 class EncodeStage:
     """Words -> token ids in the vocabulary (UNK outside it) -> right-padded, truncated blocks
-    of `seq_len`; `row_id` is the segment's first position (unique, deterministic). Only the
-    segments of `split` when given; the tallies pass when `tallies`."""
+    of `seq_len`; `row_id` is the segment's first position (unique, deterministic); the
+    tallies pass."""
 
     vocabulary: tuple[str, ...]
     seq_len: int
-    split: str | None = None
-    tallies: bool = True
 
     def __call__(self, block: pa.Table) -> pa.Table:
         block = block.select(WORD_ROWS.names).cast(WORD_ROWS)
         is_segment = pc.equal(block["kind"], SEGMENT)
-        wanted = is_segment if self.split is None else \
-            pc.and_(is_segment, pc.equal(block["rank"], RANK_OF_SPLIT[self.split]))
-        segments = block.filter(wanted)
+        segments = block.filter(is_segment)
         words = segments["words"].combine_chunks()
         ids = pc.index_in(pc.list_flatten(words), value_set=pa.array(self.vocabulary, pa.string()))
         ids = ids.fill_null(UNK_ID).to_numpy().astype(np.int32)
@@ -198,8 +211,6 @@ class EncodeStage:
         encoded = pa.table([segments["kind"], segments["text"], segments["rank"], segments["n"],
                             segments["pos"], fixed_lists(input_ids), fixed_lists(mask)],
                            schema=schema)
-        if not self.tallies:
-            return encoded
         tallies = block.filter(pc.invert(is_segment))
         k = len(tallies)
         tallies = pa.table([tallies["kind"], tallies["text"], tallies["rank"], tallies["n"],

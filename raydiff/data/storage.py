@@ -72,7 +72,11 @@ class Location:
             return cls(uri.rstrip("/"), s3_filesystem(cfg))
         if "://" in uri:  # hf:// (a hub dataset's files) and other fsspec URLs
             return cls(uri.rstrip("/"), fsspec.core.url_to_fs(uri)[0])
-        return cls(str(Path(uri).expanduser().resolve()), fsspec.filesystem("file"))
+        return cls.local(uri)
+
+    @classmethod
+    def local(cls, path: str | Path) -> Location:
+        return cls(str(Path(path).expanduser().resolve()), fsspec.filesystem("file"))
 
     @property
     def is_s3(self) -> bool:

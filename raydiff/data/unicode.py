@@ -21,6 +21,7 @@ patterns).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from raydiff.data.storage import Location
 
 DOMAIN_END = 0x30000  # planes 0-2: every script and symbol block that news text uses
 
@@ -184,13 +187,9 @@ class CharTables:
         tables = cls(lowercase, lower_mismatch_class() if lowercase else "",
                      tokenizer_classes(lowercase) if words else None,
                      py_word_class() if pack else None)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(dataclasses.asdict(tables)))
-            tmp.replace(path)  # atomic: a concurrent reader sees all of it or none
-        except OSError:  # a read-only home: build them each time
-            pass
+        # atomic: a concurrent reader sees all of it or none; a read-only home: built each time
+        with contextlib.suppress(OSError):
+            Location.local(path).write_text_atomic(json.dumps(dataclasses.asdict(tables)))
         return tables
 
 

@@ -3,7 +3,6 @@ CPU-less head (the driver) and two worker nodes, `prepare` of a corpus on it, th
 API: which nodes ran the tasks of each operator. Prints one JSON line."""
 
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -25,13 +24,9 @@ def finished_tasks(timeout_s: float = 60) -> dict[str, set[str]]:
     deadline, previous = time.monotonic() + timeout_s, None
     while True:
         ran_on = defaultdict(set)
-        counts = defaultdict(int)
         for task in list_tasks(limit=10_000, raise_on_missing_output=False):
             if task.state == "FINISHED":
                 ran_on[task.name].add(task.node_id)
-                counts[(task.name, (task.node_id or "?")[:6])] += 1
-        if os.environ.get("RAYDIFF_DEBUG_TASKS"):
-            print(sorted(counts.items()), file=sys.stderr)
         snapshot = {name: len(ids) for name, ids in ran_on.items()}
         if (snapshot == previous and any("Write" in n for n in ran_on)) \
                 or time.monotonic() > deadline:
