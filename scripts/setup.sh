@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command setup: a virtual environment with the right torch build, then raydiff and its
-# test tools. Usage: bash scripts/setup.sh [VENV_DIR]   (default .venv)
+# test tools. Usage: bash scripts/setup.sh [VENV_DIR]   (default .venv; ./raydiffw calls it)
+# PYTHON picks the interpreter (default python3), RAYDIFF_TORCH the torch requirement.
 #
 # torch is installed first and pinned, so that pip never swaps a CPU build for a multi-GB CUDA
 # one: machines with an NVIDIA GPU get PyPI's CUDA build, machines without one a CPU build
@@ -8,9 +9,10 @@
 set -euo pipefail
 VENV=${1:-.venv}
 TORCH=${RAYDIFF_TORCH:-torch==2.13.0}
+PYTHON=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 
-python3 -m venv "$VENV"
+"$PYTHON" -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip

@@ -20,6 +20,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+# the tools of the interpreter running the tests, never whatever is first on PATH: the suite must
+# pass whether or not its environment is activated (jobs name `sys.executable` for the same reason)
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -170,7 +172,7 @@ def test_job_submit_trains_and_checkpoints(ray_head, tmp_path):
     out, data = tmp_path / "runs", tmp_path / "data"
     proc = subprocess.run(
         [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", str(ROOT),
-         "--", "python", "-m", "raydiff.train", "--config", "configs/smoke.yaml",
+         "--", sys.executable, "-m", "raydiff.train", "--config", "configs/smoke.yaml",
          f"train.output_dir={out}", f"data.out_dir={data}", "train.max_steps=20",
          "train.eval_every=20", "train.checkpoint_every=20", "train.log_every=10"],
         env=ray_head["env"], capture_output=True, text=True, timeout=360)
@@ -189,7 +191,7 @@ def test_job_submit_spreads_workers_over_two_nodes(ray_head, tmp_path):
     out, data = tmp_path / "runs", tmp_path / "data"
     proc = subprocess.run(
         [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", str(ROOT),
-         "--", "python", "-m", "raydiff.train", "--config", "configs/smoke.yaml",
+         "--", sys.executable, "-m", "raydiff.train", "--config", "configs/smoke.yaml",
          f"train.output_dir={out}", f"data.out_dir={data}", "train.max_steps=10",
          "train.eval_every=10", "train.checkpoint_every=10", "train.log_every=10",
          "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.worker_resources.raydiff_slot=1"],
