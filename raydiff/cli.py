@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from raydiff.cluster import ClusterError
-from raydiff.config import ConfigError, apply_overrides, load_config
+from raydiff.config import ConfigError, ModelConfig, apply_overrides, load_config
+from raydiff.console import progress_bar, show_warnings_as_lines
+from raydiff.errors import RaydiffError
 
 
 def _quiet_ray_logs() -> None:
@@ -26,6 +28,19 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. train.max_steps=100 diffusion.loss=rounding")
 
 
+def _add_address_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster to join: host:port, ray://host:port or "
+                                          "auto (default: ray.address, else RAY_ADDRESS, else "
+                                          "a local Ray)")
+
+
+def _notice_default_model(cfg, console: Console) -> None:
+    if cfg.model == ModelConfig():
+        console.print("[yellow]notice:[/yellow] the config sets nothing under model: training "
+                      "the default denoiser, BERT-base sized (12 layers of width 768, ~85M "
+                      "parameters)", soft_wrap=True)
+
+
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from raydiff.train.checkpoint import latest_checkpoint
     from raydiff.train.engine import NonFiniteLossError
@@ -35,6 +50,8 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     if args.address:
         cfg = apply_overrides(cfg, {"ray.address": args.address})
     kind = args.kind
+    if kind == "diffusion":
+        _notice_default_model(cfg, console)
     if kind == "reference" and not cfg.train.run_name.endswith("-reference"):
         # beside the diffusion run it serves, never on top of it
         cfg = apply_overrides(cfg, {"train.run_name": f"{cfg.train.run_name}-reference"})
@@ -89,7 +106,8 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
         from raydiff.runtime import start_ray
 
         _quiet_ray_logs()
-        start_ray(args.address or cfg.ray.address, include_dashboard=False)
+        start_ray(args.address or cfg.ray.address, connect_timeout_s=cfg.ray.connect_timeout_s,
+                  include_dashboard=False)
         DataContext.get_current().enable_progress_bars = console.is_terminal
         with console.status(f"preparing {cfg.data.source} with Ray Data"):
             prepared = prepare(cfg.data)
@@ -134,11 +152,6 @@ def _sampler_overrides(args: argparse.Namespace) -> dict:
     return {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "clamp": args.clamp}
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
-
-
 def cmd_sample(args: argparse.Namespace, console: Console) -> int:
     from raydiff.eval.generate import SamplerSettings, generate, write_samples
     from raydiff.eval.loading import load_diffusion
@@ -146,7 +159,7 @@ def cmd_sample(args: argparse.Namespace, console: Console) -> int:
     loaded = load_diffusion(args.checkpoint, use_ema=not args.no_ema)
     settings = SamplerSettings.of(loaded.cfg.diffusion, **_sampler_overrides(args))
     steps = settings.model_calls(loaded.schedule.num_steps)
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task(f"{settings.sampler} {steps} steps", total=args.num_samples)
         samples = generate(loaded, args.num_samples, settings, seed=args.seed,
                            batch_size=args.batch_size,
@@ -185,9 +198,9 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
         split=args.split, max_examples=args.max_examples, num_samples=args.num_samples,
         sampler=_sampler_overrides(args), seed=args.seed, use_ema=not args.no_ema,
         reference=args.reference, batch_size=args.batch_size, use_ray=args.ray,
-        ray_min_examples=args.ray_min_examples)
+        ray_min_examples=args.ray_min_examples, address=args.address)
     _quiet_ray_logs()
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         tasks: dict[str, object] = {}
 
         def report(stage: str, advance: int, total: int | None) -> None:
@@ -223,6 +236,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--ray", choices=("auto", "on", "off"), default="auto",
                    help="score with Ray Data batch inference (auto: from --ray-min-examples)")
     p.add_argument("--ray-min-examples", type=int, default=20_000)
+    _add_address_arg(p)
     p.add_argument("--out", help="write the metrics as JSON")
     _add_sampler_args(p)
     p.set_defaults(func=cmd_eval)
@@ -238,6 +252,8 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
     cfg = None if args.resume else load_config(args.config, args.overrides)
     if cfg is not None and args.address:
         cfg = apply_overrides(cfg, {"ray.address": args.address})
+    if cfg is not None:
+        _notice_default_model(cfg, console)
     _quiet_ray_logs()
     experiment = run_ablation(cfg, resume=args.resume, verbose=1 if console.is_terminal else 0)
     if experiment.interrupted:
@@ -278,7 +294,7 @@ def cmd_cluster_check(args: argparse.Namespace, console: Console) -> int:
         from raydiff.runtime import start_ray
         from raydiff.train.trainer import check_resources
 
-        start_ray(args.address)
+        start_ray(args.address, connect_timeout_s=cfg.ray.connect_timeout_s)
         check_resources(cfg)
         console.print(f"the running cluster at {args.address} fits the request")
     console.print(f"ok: ray.num_workers={cfg.ray.num_workers} workers fit "
@@ -292,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a diffusion LM (on Ray Train)")
     _add_config_args(train)
-    train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    _add_address_arg(train)
     train.add_argument("--no-ray", action="store_true",
                        help="train in this one process, without Ray")
     train.set_defaults(func=cmd_train, kind="diffusion")
@@ -300,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train-reference", help="train the reference causal LM (GPT-2 architecture) that "
                                 "`raydiff eval` scores samples with; run name <run_name>-reference")
     _add_config_args(reference)
-    reference.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    _add_address_arg(reference)
     reference.add_argument("--no-ray", action="store_true",
                            help="train in this one process, without Ray")
     reference.set_defaults(func=cmd_train, kind="reference")
@@ -308,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "loss ablation), ASHA early stopping")
     _add_config_args(tune)
     tune.add_argument("--resume", metavar="DIR", help="continue an interrupted experiment")
-    tune.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    _add_address_arg(tune)
     tune.set_defaults(func=cmd_tune)
     cluster = sub.add_parser("cluster", help="cluster files: validate, check a config fits")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
@@ -324,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     prep = sub.add_parser("prepare", help="clean, segment and tokenize a corpus with Ray Data")
     _add_config_args(prep)
-    prep.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    _add_address_arg(prep)
     prep.add_argument("--no-ray", action="store_true",
                       help="prepare in this one process (the same output), without Ray")
     prep.set_defaults(func=cmd_prepare)
@@ -332,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one sub-command; user errors print one line and return 2."""
+    """Run one sub-command; a `RaydiffError` prints one line and returns 2."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse takes no positionals after an option once a positional list has started
@@ -348,14 +364,19 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console = Console(stderr=True)
+    show_warnings_as_lines(console)
     try:
         return args.func(args, console)
-    except ConfigError as e:
-        console.print(f"[red]config error:[/red] {e}", soft_wrap=True)
-    except ClusterError as e:
-        console.print(f"[red]cluster error:[/red] {e}", soft_wrap=True)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
-        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+    except RaydiffError as e:  # what the user can fix: one line; anything else is a bug
+        kind = {ConfigError: "config error", ClusterError: "cluster error"}.get(type(e), "error")
+        console.print(f"[red]{kind}:[/red] {e}", soft_wrap=True)
+    except KeyboardInterrupt:
+        # at once, without the interpreter's teardown: a Ray interrupted half-way through
+        # start-up crashes in it (exit 139); Ray's own processes share this one's fate
+        console.print("interrupted")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     return 2
 
 

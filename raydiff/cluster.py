@@ -19,9 +19,10 @@ from pathlib import Path
 import yaml
 
 from raydiff.config import Config
+from raydiff.errors import RaydiffError
 
 
-class ClusterError(ValueError):
+class ClusterError(RaydiffError):
     """An invalid cluster file, or a request it cannot satisfy; one line, naming file and key."""
 
 

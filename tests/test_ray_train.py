@@ -54,7 +54,7 @@ def test_two_worker_ddp_run_checkpoints_and_resumes(ray_session, smoke_cfg, data
     first = train_on_ray(cfg)
     assert [r["step"] for r in _reports(first.run_dir)] == [5, 10]
     assert first.last_checkpoint.name == "step_00000010"
-    state, saved_cfg, tokenizer = load_checkpoint(first.run_dir)
+    state, saved_cfg, tokenizer, _ = load_checkpoint(first.run_dir)
     assert state["step"] == 10 and saved_cfg.ray.num_workers == 2 and len(tokenizer) > 10
     assert "val_mse" in _reports(first.run_dir)[-1]
     logged = _tensorboard_scalars(first.run_dir / "tensorboard")  # through the driver's monitor
@@ -65,7 +65,7 @@ def test_two_worker_ddp_run_checkpoints_and_resumes(ray_session, smoke_cfg, data
     steps = [r["step"] for r in _reports(resumed.run_dir)]
     assert steps == [5, 10, 15, 20]  # continued from step 10, not from 0
     assert latest_checkpoint(resumed.run_dir).name == "step_00000020"
-    final, _, _ = load_checkpoint(resumed.run_dir)
+    final, _, _, _ = load_checkpoint(resumed.run_dir)
     assert final["step"] == 20
 
 
@@ -113,7 +113,7 @@ def test_a_worker_that_dies_is_replaced_and_the_run_completes(ray_session, smoke
     steps = [r["step"] for r in _reports(run.run_dir)]
     # steps 11-13 were lost with the worker, none before the step-10 checkpoint
     assert steps == [5, 10, 15, 20]
-    final, _, _ = load_checkpoint(run.run_dir)
+    final, _, _, _ = load_checkpoint(run.run_dir)
     assert final["step"] == 20
 
 
@@ -130,5 +130,5 @@ def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(
     assert json.loads((run_dir / STOPPED_FILE).read_text())["step"] == 7
     ckpt = latest_checkpoint(run_dir)
     assert ckpt.name == "step_00000005"
-    state, _, _ = load_checkpoint(ckpt)
+    state, _, _, _ = load_checkpoint(ckpt)
     assert all(bool(v.isfinite().all()) for v in state["model"].values())

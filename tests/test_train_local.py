@@ -29,7 +29,7 @@ def test_run_writes_config_metrics_and_loadable_checkpoints(smoke_cfg):
     assert reports[-1]["loss"] < reports[0]["loss"]
     ckpt = latest_checkpoint(run.run_dir)
     assert ckpt.name == "step_00000020" and run.last_checkpoint == ckpt
-    state, loaded_cfg, tokenizer = load_checkpoint(run.run_dir)
+    state, loaded_cfg, tokenizer, _ = load_checkpoint(run.run_dir)
     assert state["step"] == 20 and loaded_cfg == cfg and len(tokenizer) > 10
 
 
@@ -38,8 +38,8 @@ def test_resumed_run_ends_equal_to_uninterrupted_run(smoke_cfg, tmp_path):
     cut = _short(smoke_cfg, **{"train.output_dir": str(tmp_path / "b")})
     train_local(apply_overrides(cut, {"train.max_steps": 10}))
     resumed = train_local(cut)
-    a, _, _ = load_checkpoint(whole.run_dir)
-    b, _, _ = load_checkpoint(resumed.run_dir)
+    a, _, _, _ = load_checkpoint(whole.run_dir)
+    b, _, _, _ = load_checkpoint(resumed.run_dir)
     assert b["step"] == 20
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
@@ -64,7 +64,7 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(smoke_cfg, monkeypatc
         train_local(cfg)
     ckpt = latest_checkpoint(cfg.train.output_dir + "/smoke")
     assert ckpt.name == "step_00000010"
-    state, _, _ = load_checkpoint(ckpt)
+    state, _, _, _ = load_checkpoint(ckpt)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -77,8 +77,10 @@ def test_missing_or_corrupt_checkpoint_gives_one_line_error(tmp_path):
     bad = tmp_path / "run" / "checkpoints" / "step_00000001"
     bad.mkdir(parents=True)
     (bad / "state.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+    with pytest.raises(CheckpointError, match="none of its 1 checkpoints is intact"):
         load_checkpoint(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="no integrity.json"):
+        load_checkpoint(bad)
 
 
 def test_group_precision_puts_a_whole_ddp_group_on_one_scale():

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raydiff.config import DataConfig
+from raydiff.config import ConfigError, DataConfig
 from raydiff.data.tokenizer import SPECIAL_TOKENS
 from raydiff.data.unicode import PY_OTHER_SPACE_CLASS, PY_SPACE_CHARS, PY_SPACE_CLASS, CharTables
 from raydiff.data.words import drop_empty
@@ -53,7 +53,7 @@ def _boilerplate(patterns: tuple[str, ...]) -> re.Pattern | None:
         try:
             re.compile(p)
         except re.error as e:
-            raise ValueError(f"data.boilerplate_patterns: invalid regex {p!r} ({e})") from None
+            raise ConfigError(f"data.boilerplate_patterns: invalid regex {p!r} ({e})") from None
     return re.compile("|".join(f"(?:{p})" for p in patterns), re.MULTILINE)
 
 

@@ -18,6 +18,7 @@ from raydiff.config import DataConfig
 from raydiff.data.output import (
     Staging,
     build_manifest,
+    check_strict,
     read_manifest,
     write_manifest,
     write_shards,
@@ -55,6 +56,7 @@ def prepare_local(cfg: DataConfig) -> PreparedData:
     out = output_location(cfg, source)
     existing = read_manifest(out)
     if existing is not None:
+        check_strict(cfg, existing)
         return PreparedData(out, existing, reused=True)
     started = time.perf_counter()
     tables = CharTables.build(cfg.lowercase, cfg.pack)
@@ -75,6 +77,7 @@ def prepare_local(cfg: DataConfig) -> PreparedData:
                                   results, vocab_size,
                                   {"segments_s": counted - started, "vocabulary_s": chosen - counted,
                                    "write_s": written - chosen})
+        check_strict(cfg, manifest)
         write_manifest(staging, manifest)
     return PreparedData(out, manifest, reused=False)
 

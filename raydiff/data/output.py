@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from raydiff.config import SECRET_KEYS, DataConfig
 from raydiff.data.records import RANK_OF_SPLIT, SPLITS, STATUSES
 from raydiff.data.stages import SEGMENT, TALLY_NAME
-from raydiff.data.storage import Location
+from raydiff.data.storage import DataError, Location
 from raydiff.data.tokenizer import UNK_ID, save_word_tokenizer, tokenizer_from_vocabulary
 
 MANIFEST = "manifest.json"
@@ -116,6 +116,21 @@ def build_manifest(cfg: DataConfig, source_name: str, files: list[str], fingerpr
         / max(1, cfg.seq_len * n_segments),
         "splits": splits, "seconds": sum(timings.values()), "timings": timings,
     }
+
+
+def check_strict(cfg: DataConfig, manifest: dict) -> None:
+    """With `data.strict`, any damaged file or skipped line is a one-line error: raised before
+    the manifest that marks an output complete is written, and when an output made without
+    `strict` would be reused."""
+    if not cfg.strict:
+        return
+    if damaged := manifest["skipped_files"]:
+        more = f" (and {len(damaged) - 1} more files)" if len(damaged) > 1 else ""
+        raise DataError(f"data.strict: {damaged[0]['path']}: damaged "
+                        f"({damaged[0]['reason']}){more}")
+    if skipped := {kind: n for kind, n in manifest["skipped"].items() if n}:
+        raise DataError(f"data.strict: {sum(skipped.values())} records of {manifest['source']} "
+                        f"skipped ({', '.join(f'{k} {n}' for k, n in skipped.items())})")
 
 
 def write_manifest(stage: Location, manifest: dict) -> None:

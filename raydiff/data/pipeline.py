@@ -40,6 +40,7 @@ from raydiff.data.local import choose_vocabulary
 from raydiff.data.output import (
     Staging,
     build_manifest,
+    check_strict,
     read_manifest,
     write_manifest,
     write_shards,
@@ -76,6 +77,7 @@ def prepare(cfg: DataConfig) -> PreparedData:
     out = output_location(cfg, source)
     existing = read_manifest(out)
     if existing is not None:
+        check_strict(cfg, existing)
         return PreparedData(out, existing, reused=True)
     return _prepare(cfg, source, out)
 
@@ -131,6 +133,7 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
         timings = {name: b - a for name, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
         manifest = build_manifest(cfg, cfg.source, source.paths, fingerprint(cfg, source),
                                   results, vocab_size, timings)
+        check_strict(cfg, manifest)
         write_manifest(staging, manifest)
     return PreparedData(out, manifest, reused=False)
 

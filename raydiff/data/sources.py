@@ -135,10 +135,11 @@ def _parquet_rows(location: Location, path: str) -> int:
 
 
 def fingerprint(cfg: DataConfig, source: Source) -> str:
-    """Hash of the data config (less out_dir and credentials) and the source's identity."""
+    """Hash of the data config (less what does not change the output: out_dir, strict and
+    credentials) and the source's identity."""
     h = hashlib.blake2b(digest_size=16)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k != "out_dir" and k not in SECRET_FIELDS}
+                if k not in ("out_dir", "strict") and k not in SECRET_FIELDS}
     h.update(json.dumps(settings, sort_keys=True).encode())
     for item in source.identity:
         h.update(item.encode())

@@ -18,11 +18,12 @@ from pathlib import Path
 import fsspec
 
 from raydiff.config import DataConfig
+from raydiff.errors import RaydiffError
 
 S3_PREFIX = "s3://"
 
 
-class DataError(ValueError):
+class DataError(RaydiffError):
     """A missing or unusable data source or output; the message is one line and names it."""
 
 

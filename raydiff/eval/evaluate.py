@@ -25,6 +25,7 @@ from raydiff.data.output import read_manifest
 from raydiff.data.prepared import prepared_tokenizer, read_split_blocks
 from raydiff.data.records import SPLITS
 from raydiff.data.storage import DataError, Location
+from raydiff.errors import RaydiffError
 from raydiff.eval.generate import SamplerSettings, generate
 from raydiff.eval.loading import LoadedDiffusion, load_diffusion, load_reference, same_vocabulary
 from raydiff.eval.metrics import distinct_n, embedding_diagnostics, self_bleu, unique_share
@@ -47,6 +48,7 @@ class EvalOptions:
     use_ray: Literal["auto", "on", "off"] = "auto"
     ray_min_examples: int = 20_000  # "auto" scores at least this many examples on Ray Data
     num_actors: int | None = None  # Ray Data scoring actors (default: one per cluster CPU)
+    address: str | None = None  # Ray to join (default: the checkpoint's ray.address, RAY_ADDRESS)
 
 
 # ----------------------------------------------------------------------------- the data
@@ -67,7 +69,7 @@ def held_out_blocks(source: str, loaded: LoadedDiffusion, split: str = "auto",
     the checkpoint's data settings and tokenized with its tokenizer. `split="auto"` is the test
     split of a prepared directory (valid if test is empty) and all of raw data."""
     if split not in ("auto", "all", *SPLITS):
-        raise ValueError(f"--split must be auto, all, {', '.join(SPLITS)}; got {split!r}")
+        raise RaydiffError(f"--split must be auto, all, {', '.join(SPLITS)}; got {split!r}")
     prepared = _is_prepared(source, loaded)
     if prepared is not None:
         if not same_vocabulary(prepared_tokenizer(prepared), loaded.tokenizer):
@@ -136,7 +138,8 @@ def evaluate(checkpoint: str, source: str, options: EvalOptions | None = None,
 
         from raydiff.runtime import start_ray
 
-        start_ray(loaded.cfg.ray.address)
+        start_ray(opts.address or loaded.cfg.ray.address,
+                  connect_timeout_s=loaded.cfg.ray.connect_timeout_s)
         actors = opts.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
         scores = score_with_ray(str(loaded.path), opts.use_ema, blocks, opts.seed, actors,
                                 opts.batch_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,12 @@ import torch
 from raydiff.config import DiffusionConfig
 from raydiff.data.tokenizer import PAD_ID
 from raydiff.diffusion import sample
+from raydiff.errors import RaydiffError
 from raydiff.eval.loading import LoadedDiffusion
+
+
+class SamplerNotice(UserWarning):
+    """A sampler setting that cannot be honoured as given (and what is done instead)."""
 
 
 @dataclass(frozen=True)
@@ -30,11 +36,18 @@ class SamplerSettings:
                   "clamp": cfg.clamp}
         values |= {k: v for k, v in overrides.items() if v is not None}
         if values["sampler"] not in ("ddpm", "ddim"):
-            raise ValueError(f"--sampler must be ddpm or ddim, got {values['sampler']!r}")
+            raise RaydiffError(f"--sampler must be ddpm or ddim, got {values['sampler']!r}")
         if not 0.0 <= values["eta"] <= 1.0:
-            raise ValueError(f"--eta must be in [0, 1], got {values['eta']}")
+            raise RaydiffError(f"--eta must be in [0, 1], got {values['eta']}")
         if values["steps"] < 1:
-            raise ValueError(f"--steps must be >= 1, got {values['steps']}")
+            raise RaydiffError(f"--steps must be >= 1, got {values['steps']}")
+        asked = overrides.get("steps")
+        if asked is not None and values["sampler"] == "ddpm" and asked != cfg.num_steps:
+            warnings.warn(f"--steps {asked} is ignored: DDPM takes all T = {cfg.num_steps} "
+                          f"steps", SamplerNotice, stacklevel=2)
+        elif asked is not None and asked > cfg.num_steps:
+            warnings.warn(f"--steps {asked} exceeds the model's T = {cfg.num_steps}: sampling "
+                          f"with {cfg.num_steps} steps", SamplerNotice, stacklevel=2)
         return cls(**values)
 
     def model_calls(self, num_steps: int) -> int:
@@ -55,7 +68,7 @@ def generate(loaded: LoadedDiffusion, num_samples: int, settings: SamplerSetting
     """`num_samples` sequences of the checkpoint's length. The same (seed, batch_size) gives
     the same samples. `on_batch(n)` is called after each batch of n."""
     if num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+        raise RaydiffError(f"--num-samples must be >= 1, got {num_samples}")
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
     generator = torch.Generator().manual_seed(seed)
     samples: list[GeneratedSample] = []

@@ -1,5 +1,6 @@
-"""Trained models back from checkpoints (a checkpoint directory or a run directory's latest),
-ready for evaluation: the diffusion denoiser with its EMA weights, or the reference LM."""
+"""Trained models back from checkpoints (a checkpoint directory, or a run directory's newest
+good one), ready for evaluation: the diffusion denoiser with its EMA weights, or the reference
+LM."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from raydiff.config import Config
 from raydiff.diffusion import NoiseSchedule
 from raydiff.model import Denoiser
 from raydiff.model.reference_lm import build_reference_lm
-from raydiff.train.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from raydiff.train.checkpoint import CheckpointError, load_checkpoint
 from raydiff.train.reference import REFERENCE_KIND
 
 
@@ -29,8 +30,7 @@ class LoadedDiffusion:
 def load_diffusion(path: str | Path, use_ema: bool = True,
                    device: torch.device | str = "cpu") -> LoadedDiffusion:
     """The denoiser of a diffusion checkpoint, with the EMA weights unless `use_ema=False`."""
-    state, cfg, tokenizer = load_checkpoint(path)
-    ckpt = resolve_checkpoint(path)
+    state, cfg, tokenizer, ckpt = load_checkpoint(path)
     if state.get("kind", "diffusion") != "diffusion":
         raise CheckpointError(f"{ckpt}: a {state['kind']} checkpoint, not a diffusion model")
     model = Denoiser(cfg.model, len(tokenizer), cfg.data.seq_len, cfg.diffusion.self_condition)
@@ -47,8 +47,7 @@ def load_diffusion(path: str | Path, use_ema: bool = True,
 
 def load_reference(path: str | Path, device: torch.device | str = "cpu"):
     """(model, tokenizer, checkpoint dir) of a reference-LM checkpoint (`raydiff train-reference`)."""
-    state, cfg, tokenizer = load_checkpoint(path)
-    ckpt = resolve_checkpoint(path)
+    state, cfg, tokenizer, ckpt = load_checkpoint(path)
     if state.get("kind") != REFERENCE_KIND:
         raise CheckpointError(f"{ckpt}: not a reference LM checkpoint (train one with "
                               f"`raydiff train-reference`)")

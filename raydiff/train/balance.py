@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from raydiff.errors import RaydiffError
 from raydiff.train.engine import Batch
 
 
@@ -36,10 +37,10 @@ def split_batch(global_batch: int, shares: Sequence[float]) -> list[int]:
     """Local batch sizes proportional to `shares`, each at least 1, summing to `global_batch`
     (the rows that rounding down leaves go to the workers it shortened most)."""
     if global_batch < len(shares):
-        raise ValueError(f"train.batch_size={global_batch} is smaller than the number of "
+        raise RaydiffError(f"train.batch_size={global_batch} is smaller than the number of "
                          f"workers ({len(shares)})")
     if any(not s > 0 for s in shares):
-        raise ValueError(f"batch shares must be positive, got {list(shares)}")
+        raise RaydiffError(f"batch shares must be positive, got {list(shares)}")
     exact = [global_batch * s / sum(shares) for s in shares]
     sizes = [max(1, int(e)) for e in exact]
     while sum(sizes) > global_batch:  # only where the one-row minimum lifted someone
@@ -135,7 +136,7 @@ class BalancedBatches:
             if all_ranks_agree(self.stream.has(size), self.world_size):
                 return self.stream.take(size)
             self.stream.next_epoch()
-        raise ValueError(f"a fresh epoch cannot fill a local batch of {size} rows on every "
+        raise RaydiffError(f"a fresh epoch cannot fill a local batch of {size} rows on every "
                          f"worker: the train split is too small for train.batch_size="
                          f"{self.global_batch}")
 

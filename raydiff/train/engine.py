@@ -14,6 +14,7 @@ from torch import nn
 
 from raydiff.config import Config, OptimConfig
 from raydiff.diffusion import NoiseSchedule, diffusion_losses, make_timestep_sampler
+from raydiff.errors import RaydiffError
 from raydiff.model import Denoiser
 from raydiff.train.ema import EMA
 from raydiff.train.precision import autocast
@@ -203,7 +204,7 @@ class DiffusionEngine:
             count += input_ids.shape[0]
         model.train(was_training)
         if count == 0:
-            raise ValueError("evaluation got no batches: is the validation split empty?")
+            raise RaydiffError("evaluation got no batches: is the validation split empty?")
         out = {f"val_{k}": v / count for k, v in sums.items()}
         out["val_loss"] = out.pop("val_total")
         out["val_mse_over_z0_sq"] = out["val_mse"] / max(out["val_z0_sq"], 1e-12)

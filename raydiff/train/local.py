@@ -1,7 +1,7 @@
 """Training in this one process (no Ray): the prepared data (the same `prepare` output a Ray run
 reads, made in process when missing: `raydiff.data.local`) in memory, metrics and checkpoints
-under `train.output_dir/train.run_name`. Re-running the same run name resumes from its latest
-checkpoint.
+under `train.output_dir/train.run_name`. Re-running the same run name resumes from its newest
+good checkpoint.
 """
 
 from __future__ import annotations
@@ -13,14 +13,21 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from raydiff.config import Config
+from raydiff.console import progress_bar
 from raydiff.data.batches import chunk_batches, iterate_batches
 from raydiff.data.local import prepare_local
 from raydiff.data.prepared import prepared_tokenizer, read_split_blocks
+from raydiff.errors import RaydiffError
 from raydiff.train.balance import PlacedBatch
-from raydiff.train.checkpoint import latest_checkpoint, save_checkpoint
+from raydiff.train.checkpoint import (
+    good_checkpoint,
+    latest_checkpoint,
+    load_state,
+    save_checkpoint,
+)
 from raydiff.train.kinds import ENGINES
 from raydiff.train.loop import LoopResult, train_loop
 from raydiff.train.precision import resolve_precision
@@ -28,7 +35,7 @@ from raydiff.train.precision import resolve_precision
 
 def pick_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible")
+        raise RaydiffError("train.device=cuda but no CUDA device is visible")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
@@ -50,7 +57,7 @@ class RunDirectoryReporter:
         if checkpoint_state is not None:
             self.last_checkpoint = save_checkpoint(
                 self.run_dir / "checkpoints", int(metrics["step"]), checkpoint_state, self.cfg,
-                self.tokenizer)
+                self.tokenizer, keep=self.cfg.train.checkpoints_to_keep)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.progress is not None:
@@ -81,6 +88,9 @@ def train_local(cfg: Config, console: Console | None = None, kind: str = "diffus
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     run_dir = run_directory(cfg)
+    # the newest good checkpoint (each damaged newer one named in a warning); a run whose
+    # checkpoints are all damaged stops here, before anything is written over them
+    resume_from = good_checkpoint(run_dir) if run_dir.exists() else None
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
 
@@ -89,9 +99,8 @@ def train_local(cfg: Config, console: Console | None = None, kind: str = "diffus
     splits = {s: read_split_blocks(prepared.path, s, cfg.data) for s in ("train", "valid")}
     engine = ENGINES[kind](cfg, vocab_size=len(tokenizer), device=device,
                            precision=precision, seed=cfg.train.seed)
-    resume_from = latest_checkpoint(run_dir)
     if resume_from is not None:
-        engine.load_state_dict(torch.load(resume_from / "state.pt", weights_only=False))
+        engine.load_state_dict(load_state(resume_from))
 
     # the data order is a pure function of (seed, step): skip what the resumed run consumed
     train_batches = map(PlacedBatch, itertools.islice(
@@ -104,9 +113,7 @@ def train_local(cfg: Config, console: Console | None = None, kind: str = "diffus
 
     progress = None
     if console is not None:
-        progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                            console=console, transient=False)
+        progress = progress_bar(console, training=True)
     task = progress.add_task("train", total=cfg.train.max_steps, completed=engine.step,
                              info="") if progress else None
     reporter = RunDirectoryReporter(run_dir, cfg, tokenizer, progress, task)

@@ -15,7 +15,8 @@ from pathlib import Path
 import ray.train
 from ray.util.queue import Empty, Queue
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from raydiff.console import progress_bar
 
 SHOWN = ("loss", "mse", "val_loss", "val_mse", "val_token_accuracy")
 
@@ -48,9 +49,7 @@ class RunMonitor:
         self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self._progress = None
         if self.console is not None:
-            self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console)
+            self._progress = progress_bar(self.console, training=True)
             self._task = self._progress.add_task("train", total=self.max_steps, info="")
             self._progress.start()
         self._done = threading.Event()

@@ -10,6 +10,8 @@ import contextlib
 
 import torch
 
+from raydiff.errors import RaydiffError
+
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 matrices in hardware (Ampere+ GPUs, AVX512-BF16/AMX CPUs)."""
@@ -25,7 +27,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     """`auto` -> the fastest exact-enough choice for this device; explicit choices are kept."""
     if requested != "auto":
         if requested == "fp16" and device.type != "cuda":
-            raise ValueError("train.precision=fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+            raise RaydiffError("train.precision=fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
         return requested
     if native_bf16(device):
         return "bf16"

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from raydiff.config import Config
+from raydiff.errors import RaydiffError
 from raydiff.model.reference_lm import build_reference_lm, causal_lm_loss
 from raydiff.train.engine import Batch, apply_gradients, build_optimizer
 from raydiff.train.precision import autocast
@@ -71,7 +72,7 @@ class ReferenceEngine:
             total_tokens += int(count.sum().item())
         self.model.train()
         if total_tokens == 0:
-            raise ValueError("evaluation got no tokens: is the validation split empty?")
+            raise RaydiffError("evaluation got no tokens: is the validation split empty?")
         val_loss = total_nll / total_tokens
         return {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
 

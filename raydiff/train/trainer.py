@@ -17,6 +17,7 @@ same RunConfig name and storage path).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -30,12 +31,16 @@ from raydiff.data.batches import chunk_batches
 from raydiff.data.pipeline import prepare
 from raydiff.data.prepared import open_prepared, read_split_blocks, training_datasets
 from raydiff.data.tokenizer import load_tokenizer
+from raydiff.errors import RaydiffError
 from raydiff.runtime import start_ray
 from raydiff.train.balance import BalancedBatches, PlacedBatch, Throttle, gather_rows
 from raydiff.train.checkpoint import (
-    STATE_FILE,
+    CheckpointError,
     checkpoint_step,
+    good_checkpoint,
     latest_checkpoint,
+    load_state,
+    verify_checkpoint,
     write_checkpoint_files,
 )
 from raydiff.train.engine import NonFiniteLossError
@@ -48,6 +53,7 @@ from raydiff.train.precision import group_precision, resolve_precision
 # holding the only two CPUs deadlock: no worker can start).
 # reported per worker (`<name>_rank<i>`) as well; tokens_per_s also summed, the rest averaged
 PER_WORKER_METRICS = ("tokens_per_s", "local_batch")
+log = logging.getLogger(__name__)
 STOPPED_FILE = "stopped.json"  # why a run stopped before max_steps (NaN/inf loss)
 
 
@@ -184,18 +190,23 @@ def worker_loop(config: dict) -> None:
 
 
 def _resume_state(checkpoint, run_dir: Path) -> dict | None:
-    """The state to resume from: the latest checkpoint of the run, whether or not Ray Train's
-    controller registered it. (The controller collects reports by polling; a worker that dies
-    right after reporting a checkpoint leaves it written to storage but unregistered, and the
-    restarted group would otherwise start from an older one, or from scratch.)"""
+    """The state to resume from: the newest good checkpoint of the run, whether or not Ray
+    Train's controller registered it. (The controller collects reports by polling; a worker
+    that dies right after reporting a checkpoint leaves it written to storage but unregistered,
+    and the restarted group would otherwise start from an older one, or from scratch.) A
+    damaged one is passed over with a warning in the worker's log; the driver named it
+    already (`train_on_ray`)."""
     on_disk = latest_checkpoint(run_dir)
     if checkpoint is not None and (
-            on_disk is None or checkpoint_step(checkpoint.path) >= checkpoint_step(on_disk)):
+            on_disk is None or checkpoint_step(checkpoint.path) > checkpoint_step(on_disk)):
         with checkpoint.as_directory() as directory:
-            return torch.load(Path(directory) / STATE_FILE, weights_only=False, map_location="cpu")
-    if on_disk is not None:
-        return torch.load(on_disk / STATE_FILE, weights_only=False, map_location="cpu")
-    return None
+            try:
+                verify_checkpoint(Path(directory))
+                return load_state(Path(directory))
+            except CheckpointError as e:
+                log.warning("skipping damaged checkpoint %s", e)
+    ckpt = good_checkpoint(run_dir, warn=log.warning)
+    return load_state(ckpt) if ckpt is not None else None
 
 
 def _poison_when_due(engine, step: int) -> None:
@@ -240,21 +251,21 @@ def check_resources(cfg: Config) -> None:
     total = ray.cluster_resources()
     for name, amount in cfg.ray.worker_resources.items():
         if total.get(name, 0) < amount * cfg.ray.num_workers:
-            raise ValueError(
+            raise RaydiffError(
                 f"ray.worker_resources.{name}={amount:g} x ray.num_workers="
                 f"{cfg.ray.num_workers} needs {amount * cfg.ray.num_workers:g}; the cluster "
                 f"has {total.get(name, 0):g}")
     if cfg.ray.accelerator_type and not total.get(f"accelerator_type:{cfg.ray.accelerator_type}"):
-        raise ValueError(f"ray.accelerator_type={cfg.ray.accelerator_type}: no node of the "
+        raise RaydiffError(f"ray.accelerator_type={cfg.ray.accelerator_type}: no node of the "
                          f"cluster has that GPU")
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     if need_cpu > total.get("CPU", 0):
-        raise ValueError(
+        raise RaydiffError(
             f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker="
             f"{cfg.ray.cpus_per_worker} needs {need_cpu:g} CPUs; the cluster has "
             f"{total.get('CPU', 0):g}")
     if cfg.ray.use_gpu and cfg.ray.num_workers > total.get("GPU", 0):
-        raise ValueError(f"ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers}, but the "
+        raise RaydiffError(f"ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers}, but the "
                          f"cluster has {total.get('GPU', 0):g} GPUs")
 
 
@@ -263,7 +274,7 @@ def prepared_data(cfg: Config):
     prepared = prepare(cfg.data)  # a no-op when the prepared output exists
     location, manifest = open_prepared(prepared.path, cfg.data)
     if location.is_s3:
-        raise ValueError("data.out_dir on s3:// is not supported by `raydiff train` yet; "
+        raise RaydiffError("data.out_dir on s3:// is not supported by `raydiff train` yet; "
                          "prepare to a local or shared path")
     return prepared.path, manifest
 
@@ -307,7 +318,8 @@ def build_trainer(cfg: Config, data_path: str, vocab_size: int, run_dir: Path, *
         run_config=ray.train.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep)),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep)),
         datasets={"train": train_split(cfg, data_path)},
         dataset_config=UnevenSplit(("train",)),
     )
@@ -332,10 +344,12 @@ def train_on_ray(cfg: Config, kind: str = "diffusion", console=None) -> RayRun:
     TensorBoard; returns where things are."""
     from raydiff.train.monitor import RunMonitor
 
-    start_ray(cfg.ray.address)
+    start_ray(cfg.ray.address, connect_timeout_s=cfg.ray.connect_timeout_s)
     check_resources(cfg)
     data_path, manifest = prepared_data(cfg)
     run_dir = ray_run_directory(cfg)
+    if run_dir.exists():  # damaged checkpoints named here; none intact: stop before the fit
+        good_checkpoint(run_dir)
     (run_dir / STOPPED_FILE).unlink(missing_ok=True)
     with RunMonitor(run_dir, cfg.train.max_steps, console) as monitor:
         build_trainer(cfg, data_path, manifest["vocab_size"], run_dir, kind=kind,

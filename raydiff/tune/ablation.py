@@ -115,7 +115,7 @@ def run_ablation(cfg: Config | None = None, resume: str | Path | None = None,
     # only every train.eval_every-th report carries validation metrics; Tune's strict check
     # would reject the others (ASHA simply waits for the next report that has the metric)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    start_ray(cfg.ray.address)
+    start_ray(cfg.ray.address, connect_timeout_s=cfg.ray.connect_timeout_s)
     check_resources(cfg)
     path.mkdir(parents=True, exist_ok=True)
     data_path = vocab_size = None

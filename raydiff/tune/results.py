@@ -7,13 +7,14 @@ import csv
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 from rich.table import Table
 
 from raydiff.config import Config, apply_overrides, config_keys
 from raydiff.eval.report import json_ready
-from raydiff.train.checkpoint import latest_checkpoint
+from raydiff.train.checkpoint import CheckpointError, SkippedCheckpoint, good_checkpoint
 from raydiff.train.trainer import read_reports
 
 
@@ -83,7 +84,7 @@ def abar_yardsticks(experiment, max_examples: int = 1000) -> dict[str, list[dict
     out = {}
     for result in experiment.results:
         name = Path(result.path).name
-        checkpoint = latest_checkpoint(experiment.path / "runs" / name)
+        checkpoint = _newest_good(experiment.path / "runs" / name)
         if checkpoint is None:
             continue
         loaded = load_diffusion(checkpoint)
@@ -93,15 +94,24 @@ def abar_yardsticks(experiment, max_examples: int = 1000) -> dict[str, list[dict
     return out
 
 
+def _newest_good(run_dir: Path) -> Path | None:
+    """A trial run's newest good checkpoint (damaged ones named in a warning); None if none."""
+    try:
+        return good_checkpoint(run_dir) if run_dir.exists() else None
+    except CheckpointError as e:
+        warnings.warn(str(e), SkippedCheckpoint, stacklevel=2)
+        return None
+
+
 def copy_best_checkpoint(experiment, rows: list[dict]) -> Path | None:
-    """The best trial's last checkpoint, copied whole to <experiment>/best_checkpoint."""
+    """The best trial's newest good checkpoint, copied whole to <experiment>/best_checkpoint."""
     key = f"best_{experiment.cfg.tune.metric}"
     scored = [r for r in rows if isinstance(r[key], float) and math.isfinite(r[key])]
     if not scored:
         return None
     pick = min if experiment.cfg.tune.mode == "min" else max
     best = pick(scored, key=lambda r: r[key])
-    source = latest_checkpoint(experiment.path / "runs" / best["trial"])
+    source = _newest_good(experiment.path / "runs" / best["trial"])
     if source is None:
         return None
     target = experiment.path / "best_checkpoint"

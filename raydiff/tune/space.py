@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raydiff.config import Config, ConfigError, apply_overrides, config_keys
+from raydiff.config import SECRET_KEYS, Config, ConfigError, apply_overrides, config_keys
 
 LISTS = ("grid", "choice")
 RANGES = ("uniform", "loguniform", "randint")
@@ -34,7 +34,8 @@ def _check_value(base: Config, key: str, value: Any) -> None:
     try:
         apply_overrides(base, {key: value})
     except ConfigError as e:
-        raise ConfigError(f"tune.search_space.{key}: value {value!r} is invalid: "
+        shown = "<hidden>" if key in SECRET_KEYS else repr(value)
+        raise ConfigError(f"tune.search_space.{key}: value {shown} is invalid: "
                           f"{str(e).split(': ', 1)[-1]}") from None
 
 

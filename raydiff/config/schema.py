@@ -1,24 +1,19 @@
-"""The typed config tree: YAML files in `configs/`, dotted `key=value` overrides, validation.
-
-One `Config` holds a section per component (model, diffusion, data, optim, train, ray, tune,
-reference); each component takes its own section. Every value is checked against its type and bounds when
-the tree is built, and every problem is a one-line `ConfigError` naming the offending key.
-"""
+"""The typed config tree: one dataclass per component's section, each field with its type, its
+default and (through `_field`) its numeric bounds, which `raydiff.config.load` enforces."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from raydiff.errors import RaydiffError
 
-class ConfigError(ValueError):
+
+class ConfigError(RaydiffError):
     """A bad config file, key or value; the message is one line and names the key."""
 
 
@@ -94,6 +89,7 @@ class DataConfig:
     max_articles: int | None = _field(None, ge=1)
     synthetic_size: int = _field(2000, ge=10)  # articles of the "synthetic" source
     shard_rows: int = _field(50_000, ge=1)  # rows per Parquet shard, at most
+    strict: bool = False  # any damaged file or skipped line fails `prepare` (else counted)
     seed: int = 0
     # S3: endpoint/region/credentials; unset credentials come from the standard AWS variables
     s3_endpoint: str | None = None
@@ -131,6 +127,7 @@ class TrainConfig:
     eval_batches: int = _field(8, ge=1)
     eval_ema: bool = True  # validate with the EMA weights
     checkpoint_every: int = _field(1000, ge=1)
+    checkpoints_to_keep: int = _field(3, ge=1)  # the newest ones, on both paths
     patience: int = _field(0, ge=0)  # evaluations without improvement before stopping; 0 = off
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -144,7 +141,8 @@ class TrainConfig:
 class RayConfig:
     """Where training runs: the embedded local Ray or a cluster."""
 
-    address: str | None = None  # None: a local Ray sized to this machine
+    address: str | None = None  # None: RAY_ADDRESS, else a local Ray sized to this machine
+    connect_timeout_s: float = _field(20.0, gt=0.0)  # how long an address may take to answer
     num_workers: int = _field(1, ge=0)
     use_gpu: bool = False
     cpus_per_worker: float = _field(1.0, gt=0.0)
@@ -154,7 +152,6 @@ class RayConfig:
     worker_resources: dict = _field({})
     storage_path: str | None = None  # where runs and checkpoints go; default train.output_dir
     max_failures: int = _field(0, ge=0)  # worker-group restarts from the latest checkpoint
-    checkpoints_to_keep: int = _field(3, ge=1)
     # How train.batch_size is split over the workers: "equal", or "throughput" (each worker's
     # share follows its measured samples/s: mixed GPU types). Fixed `batch_shares` (one
     # positive number per worker, e.g. [3, 1]) override both.
@@ -240,194 +237,3 @@ class Config:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(yaml.safe_dump(self.to_dict(redact=True), sort_keys=False))
         tmp.replace(path)
-
-
-# --------------------------------------------------------------------------- building the tree
-
-
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Build a `Config` from a YAML file (or the defaults) and dotted `key=value` overrides."""
-    raw: dict[str, Any] = {}
-    origin = "command line"
-    if path is not None:
-        origin = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} invalid YAML") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. train.max_steps=100")
-        _set_dotted(raw, key.strip(), _parse_scalar(value))
-    return build_config(raw, origin=origin)
-
-
-def build_config(raw: dict[str, Any], origin: str = "config") -> Config:
-    """Validate a nested dict into a `Config`; `origin` prefixes every error."""
-    cfg = _build(Config, raw, prefix="", origin=origin)
-    _check_consistency(cfg, origin)
-    return cfg
-
-
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """A new `Config` with dotted-key overrides applied (the syntax Tune and tests use)."""
-    raw = cfg.to_dict()
-    for key, value in overrides.items():
-        _set_dotted(raw, key, value)
-    return build_config(raw, origin="overrides")
-
-
-def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every valid dotted leaf key, e.g. `diffusion.schedule`."""
-    keys = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            keys += config_keys(hint, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def _parse_scalar(text: str) -> Any:
-    """CLI values use YAML scalar syntax: `true`, `3`, `1e-4`, `null`, `[a, b]`."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = key.split(".")
-    for i, part in enumerate(parents):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {'.'.join(parents[: i + 1])} is not a section")
-        node = child
-    node[leaf] = value
-
-
-def _unknown_key(key: str, valid: list[str], origin: str) -> ConfigError:
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    if not close:  # a misspelt leaf under a wrong section still deserves a hint
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in config_keys()}
-        hit = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
-        close = [by_leaf[hit[0]]] if hit else []
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"{origin}: unknown key '{key}'{hint}")
-
-
-def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:
-    section = prefix.rstrip(".") or "top level"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: '{section}' must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            raise _unknown_key(f"{prefix}{key}", [f"{prefix}{k}" for k in fields], origin)
-    values = {}
-    for name, f in fields.items():
-        if name not in raw:
-            continue
-        key, hint = prefix + name, hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name], f"{key}.", origin)
-        else:
-            values[name] = _coerce(raw[name], hint, key, origin)
-            _check_bounds(values[name], f.metadata, key, origin)
-    return cls(**values)
-
-
-def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
-    """Check `value` against a type hint, converting only where no information is lost."""
-    origin_type, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin_type in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, origin)
-    if origin_type is Literal:
-        if value not in args:
-            choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{origin}: {key}={value!r} is not one of {choices}")
-        return value
-    expected = origin_type or hint
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        dict: isinstance(value, dict),
-        list: isinstance(value, list),
-    }.get(expected, True)
-    if not ok and expected is float and isinstance(value, str):
-        try:  # YAML 1.1 reads `1e-4` (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if not ok:
-        name = getattr(expected, "__name__", str(expected))
-        raise ConfigError(f"{origin}: {key} must be {name}, got {value!r} ({type(value).__name__})")
-    return float(value) if expected is float else value
-
-
-def _check_consistency(cfg: Config, origin: str) -> None:
-    """Constraints that span several keys; each error names the key to change."""
-    d, m = cfg.diffusion, cfg.model
-    if d.schedule == "pw_lin" and d.num_steps <= 10:
-        raise ConfigError(f"{origin}: diffusion.num_steps={d.num_steps} must be > 10 for pw_lin")
-    if m.hidden_size % m.num_heads:
-        raise ConfigError(
-            f"{origin}: model.num_heads={m.num_heads} must divide "
-            f"model.hidden_size={m.hidden_size}")
-    if cfg.ray.accelerator_type and not cfg.ray.use_gpu:
-        raise ConfigError(f"{origin}: ray.accelerator_type={cfg.ray.accelerator_type} needs "
-                          f"ray.use_gpu=true")
-    for name, amount in cfg.ray.worker_resources.items():
-        if not isinstance(amount, int | float) or isinstance(amount, bool) or amount <= 0:
-            raise ConfigError(f"{origin}: ray.worker_resources.{name} must be a positive "
-                              f"number, got {amount!r}")
-    shares = cfg.ray.batch_shares
-    if shares and (len(shares) != max(cfg.ray.num_workers, 1) or any(
-            isinstance(v, bool) or not isinstance(v, int | float) or v <= 0 for v in shares)):
-        raise ConfigError(f"{origin}: ray.batch_shares={shares!r} needs one positive number per "
-                          f"worker (ray.num_workers={cfg.ray.num_workers})")
-    if cfg.train.batch_size < cfg.ray.num_workers:
-        raise ConfigError(f"{origin}: train.batch_size={cfg.train.batch_size} is smaller than "
-                          f"ray.num_workers={cfg.ray.num_workers}")
-    r = cfg.reference
-    if r.hidden_size % r.num_heads:
-        raise ConfigError(
-            f"{origin}: reference.num_heads={r.num_heads} must divide "
-            f"reference.hidden_size={r.hidden_size}")
-    if cfg.data.min_words > cfg.data.max_words:
-        raise ConfigError(
-            f"{origin}: data.min_words={cfg.data.min_words} exceeds "
-            f"data.max_words={cfg.data.max_words}")
-    if cfg.optim.warmup_steps >= cfg.optim.anneal_steps:
-        raise ConfigError(
-            f"{origin}: optim.warmup_steps={cfg.optim.warmup_steps} must be < "
-            f"optim.anneal_steps={cfg.optim.anneal_steps}")
-
-
-def _check_bounds(value: Any, bounds: typing.Mapping[str, float], key: str, origin: str) -> None:
-    if value is None:
-        return
-    if "ge" in bounds and value < bounds["ge"]:
-        raise ConfigError(f"{origin}: {key}={value!r} must be >= {bounds['ge']}")
-    if "gt" in bounds and value <= bounds["gt"]:
-        raise ConfigError(f"{origin}: {key}={value!r} must be > {bounds['gt']}")
-    if "le" in bounds and value > bounds["le"]:
-        raise ConfigError(f"{origin}: {key}={value!r} must be <= {bounds['le']}")
