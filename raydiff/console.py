@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 from rich.console import Console
@@ -25,6 +26,15 @@ def progress_bar(console: Console, *, training: bool = False) -> Progress:
                         TextColumn("{task.fields[info]}"), console=console, transient=False)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=True)
+
+
+def fmt(value) -> str:
+    """A table cell: floats to four places, booleans as yes/no, None and NaN as '-'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def show_warnings_as_lines(console: Console) -> None:

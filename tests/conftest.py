@@ -11,12 +11,20 @@ import torch
 from raydiff.config import Config, load_config
 from raydiff.model import Denoiser
 
-# Ray hygiene for every test session (see ../shared/RAY_NOTES.md)
+# Ray hygiene for every test session (one Ray per session, no usage stats, no auth tokens)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the session's Ray is in the slow tier (`-m ray`); tests that start
+    processes or run long carry the mark themselves."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture

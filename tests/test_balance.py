@@ -8,12 +8,12 @@ import torch
 from raydiff.config import ConfigError, apply_overrides
 from raydiff.train.balance import (
     BalancedBatches,
-    Throttle,
     measure_samples_per_s,
     placements,
     split_batch,
 )
 from raydiff.train.engine import DiffusionEngine, NonFiniteLossError
+from raydiff.train.faults import Throttle
 from raydiff.train.ingest import RowStream
 
 

@@ -79,6 +79,7 @@ def test_every_key_is_overridable():
         assert getattr(getattr(apply_overrides(cfg, {key: value}), section), name) == value
 
 
+@pytest.mark.ray
 def test_cli_reports_config_errors_in_one_line_without_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "raydiff.cli", "train", "--config",

@@ -69,6 +69,7 @@ def _run(sizes, tmp_path, name):
     return torch.load(out)
 
 
+@pytest.mark.ray  # two spawned gloo processes
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sizes", [[8, 8], [12, 4]], ids=["equal", "unequal-3to1"])
 def test_two_workers_match_one_worker_on_the_global_batch(sizes, tmp_path):

@@ -87,6 +87,7 @@ def test_non_finite_numbers_inside_lists_dicts_and_search_spaces_are_rejected():
         validate_search_space({"optim.lr": {"uniform": [float("nan"), 1.0]}}, base)
 
 
+@pytest.mark.ray
 def test_cli_rejects_nan_before_writing_anything(tmp_path):
     proc = _cli("train", "--config", SMOKE, "--no-ray", "model.dropout=nan",
                 f"train.output_dir={tmp_path / 'runs'}", f"data.out_dir={tmp_path / 'data'}")
@@ -98,6 +99,7 @@ def test_cli_rejects_nan_before_writing_anything(tmp_path):
 # ---------------------------------------------------- 2. damaged input files, data.strict
 
 
+@pytest.mark.ray
 def test_a_truncated_archive_is_skipped_named_and_strict_makes_it_an_error(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -132,6 +134,7 @@ def test_a_truncated_archive_is_skipped_named_and_strict_makes_it_an_error(tmp_p
 # --------------------------------------------------------------- 3. damaged checkpoints
 
 
+@pytest.mark.ray
 def test_damaged_checkpoints_are_skipped_on_resume_sample_and_never_overwritten(tmp_path):
     run_dir = tmp_path / "runs" / "smoke"
     common = ["--config", SMOKE, "--no-ray",  # overrides after a flag (point 7)
@@ -213,6 +216,7 @@ def test_credential_values_never_appear_in_errors(value):
             assert secret not in str(error.value)
 
 
+@pytest.mark.ray
 def test_credential_in_a_malformed_override_is_not_echoed():
     proc = _cli("prepare", "--no-ray", "data.s3_secret_access_key:hunter2hunter2")
     assert proc.returncode == 2
@@ -222,6 +226,7 @@ def test_credential_in_a_malformed_override_is_not_echoed():
 # ------------------------------------------------- 5, 6. RAY_ADDRESS, unreachable clusters
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["train, RAY_ADDRESS", "prepare, RAY_ADDRESS",
                                  "prepare --address"])
@@ -265,6 +270,7 @@ def test_the_address_check_passes_a_gcs_only_and_is_bounded(ray_session):
 # --------------------------------------------------------------------- 7. the rest
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(180)
 def test_ctrl_c_during_ray_start_up_exits_130_without_a_crash(tmp_path):
     proc = subprocess.Popen(
@@ -290,6 +296,7 @@ def test_ctrl_c_during_ray_start_up_exits_130_without_a_crash(tmp_path):
     assert not list((tmp_path / "runs").rglob("state.pt"))
 
 
+@pytest.mark.ray
 def test_a_config_without_a_model_section_says_it_trains_the_default(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
@@ -305,6 +312,7 @@ def test_a_config_without_a_model_section_says_it_trains_the_default(tmp_path):
     assert len(_lines(quiet)) == 1
 
 
+@pytest.mark.ray
 def test_an_empty_validation_split_is_warned_about(tmp_path):
     proc = _cli("prepare", "--config", SMOKE, "--no-ray", "data.valid_fraction=0",
                 f"data.out_dir={tmp_path / 'data'}")

@@ -20,6 +20,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.ray  # clusters of their own, in other processes
+
 # the tools of the interpreter running the tests, never whatever is first on PATH: the suite must
 # pass whether or not its environment is activated (jobs name `sys.executable` for the same reason)
 RAY = str(Path(sys.executable).with_name("ray"))

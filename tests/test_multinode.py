@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.ray  # clusters of their own, in other processes
+
 
 @pytest.mark.timeout(420)
 def test_workers_land_on_both_nodes_and_train(tmp_path):

@@ -10,7 +10,8 @@ from raydiff.config import apply_overrides
 from raydiff.data.prepared import open_prepared
 from raydiff.train.checkpoint import latest_checkpoint, load_checkpoint
 from raydiff.train.engine import NonFiniteLossError
-from raydiff.train.trainer import STOPPED_FILE, check_resources, prepared_data, train_on_ray
+from raydiff.train.trainer import check_resources, prepared_data, train_on_ray
+from raydiff.train.worker import STOPPED_FILE
 
 pytestmark = pytest.mark.timeout(600)
 

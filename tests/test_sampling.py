@@ -74,7 +74,7 @@ def test_respaced_jump_lands_on_abar_of_previous_subsequence_step():
         return math.sqrt(abar_to) * x0 + math.sqrt(1 - abar_to) * direction
 
     torch.testing.assert_close(z_next, jump(abar[t_prev].item()), rtol=1e-5, atol=1e-5)
-    # the bug DESIGN 2.5 warns about would land on abar_{t-1}
+    # the bug docs/design.md §5 warns about would land on abar_{t-1}
     assert not torch.allclose(z_next, jump(abar[T_ - 1].item()), atol=1e-2)
 
 

@@ -9,7 +9,7 @@ def abar(name, T):
     return np.cumprod(1 - get_named_beta_schedule(name, T))
 
 
-# DESIGN 2.1 check values (float64)
+# docs/design.md §1 check values (float64)
 @pytest.mark.parametrize(("name", "T", "quantity", "expected", "rel"), [
     ("pw_lin", 2000, "b0", 0.01005, 1e-6),
     ("pw_lin", 2000, "bmax", 0.01005, 1e-6),

@@ -116,6 +116,7 @@ def test_bad_inputs_are_counted_and_skipped(ray_session, tmp_path):
     assert glob_only_txt["articles"] == 2
 
 
+@pytest.mark.ray
 def test_missing_path_is_a_one_line_cli_error(tmp_path):
     start = time.perf_counter()
     proc = subprocess.run(

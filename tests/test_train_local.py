@@ -92,23 +92,39 @@ def test_group_precision_puts_a_whole_ddp_group_on_one_scale():
     assert group_precision(["bf16", "fp32"]) == "fp32"  # a CPU worker in the group
 
 
-def test_validation_reports_mse_at_abar_one_half_for_every_schedule(smoke_cfg):
+def test_validation_reports_mse_at_abar_one_half_for_every_schedule(smoke_cfg, monkeypatch):
+    """The `_abar50` metrics are computed at the timestep whose abar, in the schedule's own
+    table, is nearest 1/2: recorded from the losses the engine actually evaluates."""
+    import numpy as np
     import torch
 
     from raydiff.config import apply_overrides
     from raydiff.diffusion import SCHEDULE_NAMES
-    from raydiff.train.engine import DiffusionEngine
+    from raydiff.diffusion.schedules import get_named_beta_schedule
+    from raydiff.train import engine as engine_module
 
+    seen: list[torch.Tensor] = []
+
+    def recording(model, schedule, input_ids, attention_mask, t, **kwargs):
+        seen.append(t.clone())
+        return real(model, schedule, input_ids, attention_mask, t, **kwargs)
+
+    real = engine_module.diffusion_losses
+    monkeypatch.setattr(engine_module, "diffusion_losses", recording)
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(2, 50, (8, 16), generator=g),
              "attention_mask": torch.ones(8, 16, dtype=torch.long)}
     for name in SCHEDULE_NAMES:
+        abar = np.cumprod(1 - get_named_beta_schedule(name, 2000))  # the table itself
+        t_half = int(np.abs(abar - 0.5).argmin())
+        assert abs(abar[t_half] - 0.5) < 0.01, name  # every schedule passes 1/2
         cfg = apply_overrides(smoke_cfg, {"diffusion.schedule": name,
                                           "diffusion.num_steps": 2000})
-        engine = DiffusionEngine(cfg, 50, torch.device("cpu"))
-        abar = engine.schedule.alphas_cumprod
-        t_half = int((abar - 0.5).abs().argmin())
-        assert abs(abar[t_half].item() - 0.5) < 0.01, name  # every schedule passes 1/2
+        engine = engine_module.DiffusionEngine(cfg, 50, torch.device("cpu"))
+        seen.clear()
         out = engine.evaluate([batch])
+        uniform, at_half = seen  # one batch: the uniform draw, then the abar = 1/2 one
+        assert at_half.tolist() == [t_half] * 8, name
+        assert len(set(uniform.tolist())) > 1
         assert out["val_mse_abar50"] > 0 and 0 <= out["val_token_accuracy_abar50"] <= 1
         assert out["val_mse_abar50"] != out["val_mse"]

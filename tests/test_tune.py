@@ -16,7 +16,7 @@ from raydiff.tune.ablation import run_ablation
 from raydiff.tune.results import finish
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.ray]
 
 
 def _smoke(tmp_path, **overrides):

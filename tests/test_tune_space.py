@@ -14,7 +14,7 @@ def base():
 
 @pytest.mark.parametrize("space, message", [
     ({"diffusion.schedul": {"grid": ["linear"]}},
-     r"tune.search_space.diffusion.schedul: not a config key \(did you mean diffusion.schedule\?\)"),
+     r"tune.search_space.diffusion.schedul: not a config key \(did you mean 'diffusion.schedule'\?\)"),
     ({"diffusion.schedule": ["linear", "cosine"]},
      r"tune.search_space.diffusion.schedule: expected one of \{grid\|choice"),
     ({"diffusion.schedule": {"gird": ["linear"]}},

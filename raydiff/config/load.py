@@ -94,15 +94,20 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _unknown_key(key: str, valid: list[str], origin: str) -> ConfigError:
-    leaf = key.rsplit(".", 1)[-1]
+def did_you_mean(key: str, valid: typing.Sequence[str] | None = None) -> str:
+    """" (did you mean 'optim.lr'?)" for the closest of `valid` (default: every config key),
+    else the key whose leaf is closest (a right name under a wrong section); "" if none."""
+    valid = config_keys() if valid is None else valid
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    if not close:  # a misspelt leaf under a wrong section still deserves a hint
+    if not close:
         by_leaf = {k.rsplit(".", 1)[-1]: k for k in config_keys()}
-        hit = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+        hit = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.75)
         close = [by_leaf[hit[0]]] if hit else []
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"{origin}: unknown key '{key}'{hint}")
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _unknown_key(key: str, valid: list[str], origin: str) -> ConfigError:
+    return ConfigError(f"{origin}: unknown key '{key}'{did_you_mean(key, valid)}")
 
 
 def _build(cls: type, raw: Any, prefix: str, origin: str) -> Any:

@@ -28,7 +28,7 @@ def _field(default: Any, *, ge: float | None = None, gt: float | None = None,
 
 @dataclass
 class ModelConfig:
-    """The denoiser (DESIGN 2.3): a BERT encoder built from this config, never pretrained."""
+    """The denoiser (docs/design.md §3): a BERT encoder built from this config, never pretrained."""
 
     embed_dim: int = _field(128, ge=1)  # d: width of the diffusion (embedding) space
     hidden_size: int = _field(768, ge=1)  # H: transformer width
@@ -47,7 +47,7 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """The diffusion process, loss and sampler defaults (DESIGN 2.1, 2.2, 2.4, 2.5)."""
+    """The diffusion process, loss and sampler defaults (docs/design.md §1, §2, §4, §5)."""
 
     schedule: Literal["linear", "cosine", "sqrt", "trunc_cos", "trunc_lin", "pw_lin"] = "pw_lin"
     num_steps: int = _field(2000, ge=2)  # T
@@ -171,7 +171,7 @@ class DebugConfig:
 
     crash_rank: int = -1  # this worker's process dies ...
     crash_at_step: int = _field(0, ge=0)  # ... when it reaches this step (once per run; 0 = off)
-    slow_rank: int = -1  # this worker computes `slow_factor` times slower (train.balance.Throttle)
+    slow_rank: int = -1  # this worker computes `slow_factor` times slower (train.faults.Throttle)
     slow_factor: float = _field(1.0, ge=1.0)
     nan_rank: int = -1  # this worker's training loss turns NaN ...
     nan_at_step: int = _field(0, ge=0)  # ... at this step (0 = off)
@@ -232,8 +232,6 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved tree as YAML, credentials left out, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(redact=True), sort_keys=False))
-        tmp.replace(path)
+        from raydiff.files import write_atomic
+
+        write_atomic(path, yaml.safe_dump(self.to_dict(redact=True), sort_keys=False))

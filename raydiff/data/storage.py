@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import fsspec
 
 from raydiff.config import DataConfig
 from raydiff.errors import RaydiffError
+from raydiff.files import write_atomic
 
 S3_PREFIX = "s3://"
 
@@ -104,19 +104,11 @@ class Location:
         self.write_bytes_atomic(text.encode())
 
     def write_bytes_atomic(self, data: bytes) -> None:
-        """Whole or absent. Local: write a uniquely named sibling and rename it into place (so
-        concurrent writers of one name never mix bytes). S3: a single PUT is already atomic."""
+        """Whole or absent. Local: `raydiff.files.write_atomic`. S3: a single PUT already is."""
         if not self.is_local:
             self.fs.pipe(self.uri, data)
             return
-        path = Path(self.uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            tmp.write_bytes(data)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(self.uri, data)
 
     def arrow_filesystem(self):
         """The pyarrow filesystem Ray Data reads and writes through (None: local default)."""

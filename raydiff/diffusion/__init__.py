@@ -1,4 +1,4 @@
-"""Diffusion mathematics (DESIGN section 2): pure torch/numpy, single device, no Ray."""
+"""Diffusion mathematics (docs/design.md §1-§5): pure torch/numpy, single device, no Ray."""
 
 from raydiff.diffusion.forward import perturb_embedding, q_sample
 from raydiff.diffusion.losses import LossTerms, diffusion_losses, masked_mean

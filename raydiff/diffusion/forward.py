@@ -1,4 +1,4 @@
-"""The forward (noising) process q(z_t | z0) with Difformer's noise factor (DESIGN 2.2)."""
+"""The forward (noising) process q(z_t | z0) with Difformer's noise factor (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training objective of stabilised Diffusion-LM (DESIGN 2.4), per example, over non-PAD tokens.
+"""The training objective of stabilised Diffusion-LM (docs/design.md §4), per example, over non-PAD tokens.
 
 total = mse + CE + tT, where CE is the rounding loss CE(logits(z0), w) of Diffusion-LM or the
 anchor loss CE(logits(x0hat), w) of Difformer. Gradients reach E from every term. Averages

@@ -1,4 +1,4 @@
-"""Reverse-process samplers (DESIGN 2.5): DDPM ancestral and respaced DDIM, with optional
+"""Reverse-process samplers (docs/design.md §5): DDPM ancestral and respaced DDIM, with optional
 clamping to the nearest embedding and self-conditioning.
 
 Both walk a decreasing list of timesteps. DDPM visits every t and draws z_{t-1} from the

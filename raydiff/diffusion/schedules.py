@@ -1,4 +1,4 @@
-"""The six named beta schedules (DESIGN 2.1) and the schedule object everything reads abar from.
+"""The six named beta schedules (docs/design.md §1) and the schedule object everything reads abar from.
 
 Betas are computed in float64 with numpy, exactly as Diffusion-LM defines them; `NoiseSchedule`
 turns them into the float64 torch tensors that the forward process, the losses and the samplers

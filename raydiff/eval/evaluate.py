@@ -1,4 +1,4 @@
-"""`raydiff eval`: one checkpoint, one held-out source, every metric of DESIGN 2.6.
+"""`raydiff eval`: one checkpoint, one held-out source, every metric of docs/design.md §6.
 
     held-out blocks --score (one process, or Ray Data actors when large)--> mse, z0^2, token
         accuracy, overall and per abar bucket

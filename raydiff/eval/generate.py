@@ -16,6 +16,7 @@ from raydiff.data.tokenizer import PAD_ID
 from raydiff.diffusion import sample
 from raydiff.errors import RaydiffError
 from raydiff.eval.loading import LoadedDiffusion
+from raydiff.files import write_atomic
 
 
 class SamplerNotice(UserWarning):
@@ -91,15 +92,10 @@ def generate(loaded: LoadedDiffusion, num_samples: int, settings: SamplerSetting
 
 def write_samples(path: str | Path, samples: list[GeneratedSample], settings: SamplerSettings,
                   loaded: LoadedDiffusion, seed: int) -> None:
-    """One JSON object per sample, written to a sibling file and renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One JSON object per sample, the file written whole (`raydiff.files.write_atomic`)."""
     common = {"checkpoint": str(loaded.path), "step": loaded.step, "seed": seed,
               "sampler": settings.sampler, "steps": settings.model_calls(
                   loaded.schedule.num_steps), "eta": settings.eta, "clamp": settings.clamp}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for i, s in enumerate(samples):
-            f.write(json.dumps({"index": i, "text": s.text, "num_tokens": len(s.token_ids),
-                                "token_ids": s.token_ids} | common) + "\n")
-    tmp.replace(path)
+    write_atomic(path, "".join(
+        json.dumps({"index": i, "text": s.text, "num_tokens": len(s.token_ids),
+                    "token_ids": s.token_ids} | common) + "\n" for i, s in enumerate(samples)))

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN 2.6) as pure functions of texts, tensors and per-example scores.
+"""Evaluation metrics (docs/design.md §6) as pure functions of texts, tensors and per-example scores.
 
 Texts are word-tokenized strings (tokens separated by spaces), as raydiff's tokenizer decodes.
 """

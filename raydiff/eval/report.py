@@ -8,6 +8,9 @@ from pathlib import Path
 
 from rich.table import Table
 
+from raydiff.console import fmt
+from raydiff.files import write_atomic
+
 
 def json_ready(value):
     """NaN/inf (not valid JSON) become null, recursively."""
@@ -21,17 +24,7 @@ def json_ready(value):
 
 
 def write_json(path: str | Path, metrics: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_ready(metrics), indent=2) + "\n")
-    tmp.replace(path)
-
-
-def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    write_atomic(path, json.dumps(json_ready(metrics), indent=2) + "\n")
 
 
 def metrics_tables(m: dict) -> list[Table]:
@@ -45,23 +38,23 @@ def metrics_tables(m: dict) -> list[Table]:
         ("mse (t ~ U, fixed seed)", m["mse"]), ("mean squared z0 (z0_sq_norm)", m["z0_sq_norm"]),
         ("mse / z0_sq_norm", m["mse_over_z0_sq"]), ("token accuracy", m["token_accuracy"]),
         ("embedding row norm mean / std",
-         f"{_fmt(e['emb_norm_mean'])} / {_fmt(e['emb_norm_std'])}"),
+         f"{fmt(e['emb_norm_mean'])} / {fmt(e['emb_norm_std'])}"),
         ("embedding mean pairwise cosine", e["emb_mean_cosine"]),
         ("embedding effective rank", e["emb_effective_rank"]),
         (f"samples ({m['sampler']['sampler']}, {m['sampler']['steps']} steps)", m["num_samples"]),
         ("gen perplexity (reference LM)", m["gen_ppl"]),
         ("real held-out perplexity (reference LM)", m["ref_ppl_real"]),
-        ("distinct-1 / 2 / 3", " / ".join(_fmt(m[f"distinct_{n}"]) for n in (1, 2, 3))),
+        ("distinct-1 / 2 / 3", " / ".join(fmt(m[f"distinct_{n}"]) for n in (1, 2, 3))),
         ("self-BLEU", m["self_bleu"]), ("unique share", m["unique_share"]),
         ("mean length (tokens)", m["mean_length"]),
     ]
     for name, value in rows:
-        table.add_row(name, value if isinstance(value, str) else _fmt(value))
+        table.add_row(name, value if isinstance(value, str) else fmt(value))
 
     buckets = Table(title="by noise level (abar = signal fraction)")
     for name in ("abar", "examples", "mse", "mse / z0^2", "token accuracy"):
         buckets.add_column(name, justify="right")
     for b in m["by_abar"]:
         buckets.add_row(f"[{b['abar_lo']:.1f}, {b['abar_hi']:.1f}]", str(b["count"]),
-                        _fmt(b["mse"]), _fmt(b["mse_over_z0_sq"]), _fmt(b["token_accuracy"]))
+                        fmt(b["mse"]), fmt(b["mse_over_z0_sq"]), fmt(b["token_accuracy"]))
     return [table, buckets]

@@ -1,4 +1,4 @@
-"""The x0-parameterised denoiser of embedding-space diffusion (DESIGN 2.3).
+"""The x0-parameterised denoiser of embedding-space diffusion (docs/design.md §3).
 
     z_t (B, L, d) --up--> (B, L, H) + pos + time --norm, dropout--> BERT encoder --down--> x0hat
 

@@ -15,12 +15,14 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from torch import nn
 
 from raydiff.errors import RaydiffError
+
+if TYPE_CHECKING:
+    from raydiff.train.kinds import Engine
 from raydiff.train.engine import Batch
 
 
@@ -63,7 +65,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_samples_per_s(engine, batch: Batch, passes: int) -> float:
+def measure_samples_per_s(engine: Engine, batch: Batch, passes: int) -> float:
     """This worker's compute speed on `batch`: the median of `passes` timed forward/backward
     passes (after one warm-up) without the all-reduce. Weights, gradients, optimizer and every
     RNG are left as they were."""
@@ -111,7 +113,7 @@ class BalancedBatches:
     in an all-reduce that another never joins.
     """
 
-    def __init__(self, stream, engine, global_batch: int, rank: int, world_size: int, *,
+    def __init__(self, stream, engine: Engine, global_batch: int, rank: int, world_size: int, *,
                  balance: str = "equal", shares: Sequence[float] = (), rebalance_every: int = 0,
                  probe_passes: int = 3,
                  on_rebalance: Callable[[int, list[float], list[int]], None] | None = None):
@@ -157,22 +159,3 @@ class BalancedBatches:
             self._rebalance()
         batch = self._rows(self.sizes[self.rank])
         return PlacedBatch(batch, *placements(self.sizes)[self.rank])
-
-
-class Throttle:
-    """Benchmark and test knob (`debug.slow_factor`): makes this worker's compute `factor`
-    times slower, as a slower GPU would, by sleeping inside every forward pass of `model` for
-    (factor - 1) x 3 x its duration (a backward costs about two forwards). The sleep happens
-    before the gradients reach the all-reduce, so the other workers wait for it."""
-
-    def __init__(self, model: nn.Module, factor: float):
-        self.factor, self._start = factor, 0.0
-        model.register_forward_pre_hook(self._before)
-        model.register_forward_hook(self._after)
-
-    def _before(self, module, args) -> None:
-        self._start = time.perf_counter()
-
-    def _after(self, module, args, output) -> None:
-        if torch.is_grad_enabled():  # training and probe passes, not validation
-            time.sleep((self.factor - 1) * 3 * (time.perf_counter() - self._start))

@@ -7,7 +7,6 @@ good checkpoint.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from raydiff.data.batches import chunk_batches, iterate_batches
 from raydiff.data.local import prepare_local
 from raydiff.data.prepared import prepared_tokenizer, read_split_blocks
 from raydiff.errors import RaydiffError
+from raydiff.files import append_jsonl
 from raydiff.train.balance import PlacedBatch
 from raydiff.train.checkpoint import (
     good_checkpoint,
@@ -58,8 +58,7 @@ class RunDirectoryReporter:
             self.last_checkpoint = save_checkpoint(
                 self.run_dir / "checkpoints", int(metrics["step"]), checkpoint_state, self.cfg,
                 self.tokenizer, keep=self.cfg.train.checkpoints_to_keep)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        append_jsonl(self.run_dir / "metrics.jsonl", metrics)
         if self.progress is not None:
             shown = [f"{k} {metrics[k]:.4f}" for k in ("loss", "mse", "val_loss", "val_mse")
                      if k in metrics]

@@ -15,7 +15,8 @@ from typing import Protocol
 
 from raydiff.config import TrainConfig
 from raydiff.train.balance import PlacedBatch
-from raydiff.train.engine import Batch, DiffusionEngine
+from raydiff.train.engine import Batch
+from raydiff.train.kinds import Engine
 
 
 class Reporter(Protocol):
@@ -34,7 +35,7 @@ class LoopResult:
     last_metrics: dict[str, float]
 
 
-def train_loop(engine: DiffusionEngine, train_batches: Iterator[PlacedBatch],
+def train_loop(engine: Engine, train_batches: Iterator[PlacedBatch],
                valid_batches: Callable[[], Iterable[Batch]], cfg: TrainConfig, reporter: Reporter,
                *, is_chief: bool = True) -> LoopResult:
     """Train until `cfg.max_steps` (or early stopping). Each `PlacedBatch` says where this

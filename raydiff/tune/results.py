@@ -4,6 +4,7 @@ layout, a convergence figure, per-noise-level yardsticks, and the best checkpoin
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import shutil
@@ -13,7 +14,9 @@ from pathlib import Path
 from rich.table import Table
 
 from raydiff.config import Config, apply_overrides, config_keys
+from raydiff.console import fmt
 from raydiff.eval.report import json_ready
+from raydiff.files import write_atomic
 from raydiff.train.checkpoint import CheckpointError, SkippedCheckpoint, good_checkpoint
 from raydiff.train.trainer import read_reports
 
@@ -127,15 +130,14 @@ def copy_best_checkpoint(experiment, rows: list[dict]) -> Path | None:
 def write_results(experiment, rows: list[dict], yardsticks: dict | None = None) -> None:
     path = experiment.path
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path / "results.csv.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    (path / "results.csv.tmp").replace(path / "results.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path / "results.csv", table.getvalue())
     payload = {"trials": rows, "by_abar": yardsticks or {},
                "curves": {k: v for k, v in curves(experiment).items()}}
-    (path / "results.json.tmp").write_text(json.dumps(json_ready(payload), indent=2))
-    (path / "results.json.tmp").replace(path / "results.json")
+    write_atomic(path / "results.json", json.dumps(json_ready(payload), indent=2))
 
 
 def plot_convergence(experiment, out: Path, key: str = "val_mse") -> Path:
@@ -174,14 +176,6 @@ def plot_convergence(experiment, out: Path, key: str = "val_mse") -> Path:
 # ----------------------------------------------------------------------------- rich tables
 
 
-def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def trials_table(rows: list[dict], metric: str) -> Table:
     """Per trial: searched values, reports, steps, stopped early, best metric, mse / z0^2,
     token accuracy, steps to the thresholds (results.csv has every column)."""
@@ -201,7 +195,7 @@ def trials_table(rows: list[dict], metric: str) -> Table:
         table.add_column(title, justify="right")
     for r in rows:
         style = "red" if r["status"] == "error" else None
-        table.add_row(r["trial"].split("_", 1)[0], *[_fmt(r[k]) for k, _ in columns],
+        table.add_row(r["trial"].split("_", 1)[0], *[fmt(r[k]) for k, _ in columns],
                       style=style)
     return table
 
@@ -225,7 +219,7 @@ def table1(rows: list[dict], cfg: Config) -> list[Table]:
                 hits = [r for r in mine
                         if r.get("diffusion.loss", cfg.diffusion.loss) == loss
                         and r.get("diffusion.schedule", cfg.diffusion.schedule) == schedule]
-                cells.append(" / ".join(f"{_fmt(h[key])} ({_fmt(h['val_mse_over_z0_sq'])})"
+                cells.append(" / ".join(f"{fmt(h[key])} ({fmt(h['val_mse_over_z0_sq'])})"
                                         for h in hits) or "-")
             table.add_row(schedule, *cells)
         tables.append(table)

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from raydiff.config import SECRET_KEYS, Config, ConfigError, apply_overrides, config_keys
+from raydiff.config import (
+    SECRET_KEYS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_keys,
+    did_you_mean,
+)
 
 LISTS = ("grid", "choice")
 RANGES = ("uniform", "loguniform", "randint")
-
-
-def _hint(key: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, config_keys(), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _check_value(base: Config, key: str, value: Any) -> None:
@@ -48,7 +48,7 @@ def validate_search_space(space: dict, base: Config) -> dict[str, tuple[str, lis
     for key, spec in space.items():
         where = f"tune.search_space.{key}"
         if key not in known:
-            raise ConfigError(f"{where}: not a config key{_hint(key)}")
+            raise ConfigError(f"{where}: not a config key{did_you_mean(key)}")
         if key.startswith(("tune.", "ray.")):
             raise ConfigError(f"{where}: tune.* and ray.* keys set up the sweep itself and "
                               f"cannot be searched")

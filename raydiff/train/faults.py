@@ -1,0 +1,59 @@
+"""Faults injected on purpose (the `debug` config section), for tests and benchmarks: a worker
+process that dies at a step, a training loss that turns NaN, a worker that computes slower.
+Nothing here runs unless a `debug.*` key asks for it."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raydiff.config import DebugConfig
+from raydiff.train.balance import PlacedBatch
+from raydiff.train.kinds import Engine
+
+
+def crash_when_due(batches: Iterator[PlacedBatch], engine: Engine, cfg: DebugConfig,
+                   rank: int, run_dir: Path) -> Iterator[PlacedBatch]:
+    """Test hook (`debug.crash_rank`, `debug.crash_at_step`): this worker's process dies
+    before that step, once per run (a marker file remembers it across restarts)."""
+    marker = run_dir / f".crashed_rank{rank}_step{cfg.crash_at_step}"
+    for placed in batches:
+        if (rank == cfg.crash_rank and engine.step + 1 == cfg.crash_at_step
+                and not marker.exists()):
+            marker.touch()
+            os._exit(1)
+        yield placed
+
+
+def poison_when_due(engine: Engine, step: int) -> None:
+    """Test hook (`debug.nan_rank`, `debug.nan_at_step`): this worker's training forward pass
+    returns NaN at that step, as a diverging run would."""
+    def poison(module, args, output):
+        if torch.is_grad_enabled() and engine.step + 1 == step:
+            return output * float("nan")
+        return output
+    engine.model.register_forward_hook(poison)
+
+
+class Throttle:
+    """Benchmark and test knob (`debug.slow_factor`): makes this worker's compute `factor`
+    times slower, as a slower GPU would, by sleeping inside every forward pass of `model` for
+    (factor - 1) x 3 x its duration (a backward costs about two forwards). The sleep happens
+    before the gradients reach the all-reduce, so the other workers wait for it."""
+
+    def __init__(self, model: nn.Module, factor: float):
+        self.factor, self._start = factor, 0.0
+        model.register_forward_pre_hook(self._before)
+        model.register_forward_hook(self._after)
+
+    def _before(self, module, args) -> None:
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, output) -> None:
+        if torch.is_grad_enabled():  # training and probe passes, not validation
+            time.sleep((self.factor - 1) * 3 * (time.perf_counter() - self._start))
