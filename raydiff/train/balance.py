@@ -40,7 +40,7 @@ def split_batch(global_batch: int, shares: Sequence[float]) -> list[int]:
     (the rows that rounding down leaves go to the workers it shortened most)."""
     if global_batch < len(shares):
         raise RaydiffError(f"train.batch_size={global_batch} is smaller than the number of "
-                         f"workers ({len(shares)})")
+                           f"workers ({len(shares)})")
     if any(not s > 0 for s in shares):
         raise RaydiffError(f"batch shares must be positive, got {list(shares)}")
     exact = [global_batch * s / sum(shares) for s in shares]
@@ -139,8 +139,8 @@ class BalancedBatches:
                 return self.stream.take(size)
             self.stream.next_epoch()
         raise RaydiffError(f"a fresh epoch cannot fill a local batch of {size} rows on every "
-                         f"worker: the train split is too small for train.batch_size="
-                         f"{self.global_batch}")
+                           f"worker: the train split is too small for train.batch_size="
+                           f"{self.global_batch}")
 
     def _rebalance(self) -> None:
         probe = self._rows(self.sizes[self.rank])

@@ -55,7 +55,7 @@ def check_resources(cfg: Config) -> None:
                 f"has {total.get(name, 0):g}")
     if cfg.ray.accelerator_type and not total.get(f"accelerator_type:{cfg.ray.accelerator_type}"):
         raise RaydiffError(f"ray.accelerator_type={cfg.ray.accelerator_type}: no node of the "
-                         f"cluster has that GPU")
+                           f"cluster has that GPU")
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     if need_cpu > total.get("CPU", 0):
         raise RaydiffError(
@@ -64,7 +64,7 @@ def check_resources(cfg: Config) -> None:
             f"{total.get('CPU', 0):g}")
     if cfg.ray.use_gpu and cfg.ray.num_workers > total.get("GPU", 0):
         raise RaydiffError(f"ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers}, but the "
-                         f"cluster has {total.get('GPU', 0):g} GPUs")
+                           f"cluster has {total.get('GPU', 0):g} GPUs")
 
 
 def prepared_data(cfg: Config):
@@ -73,7 +73,7 @@ def prepared_data(cfg: Config):
     location, manifest = open_prepared(prepared.path, cfg.data)
     if location.is_s3:
         raise RaydiffError("data.out_dir on s3:// is not supported by `raydiff train` yet; "
-                         "prepare to a local or shared path")
+                           "prepare to a local or shared path")
     return prepared.path, manifest
 
 
