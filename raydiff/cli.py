@@ -12,7 +12,7 @@ from rich.table import Table
 
 from raydiff.cluster import ClusterError
 from raydiff.config import ConfigError, ModelConfig, apply_overrides, load_config
-from raydiff.console import progress_bar, show_warnings_as_lines
+from raydiff.console import progress_bar, warnings_as_lines
 from raydiff.errors import RaydiffError
 
 
@@ -364,9 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console = Console(stderr=True)
-    show_warnings_as_lines(console)
     try:
-        return args.func(args, console)
+        with warnings_as_lines(console):
+            return args.func(args, console)
     except RaydiffError as e:  # what the user can fix: one line; anything else is a bug
         kind = {ConfigError: "config error", ClusterError: "cluster error"}.get(type(e), "error")
         console.print(f"[red]{kind}:[/red] {e}", soft_wrap=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -37,9 +39,10 @@ def fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def show_warnings_as_lines(console: Console) -> None:
-    """raydiff's own warnings (a damaged checkpoint skipped, a sampler setting clamped) as one
-    line each on `console`; any other library's keep Python's usual form."""
+@contextlib.contextmanager
+def warnings_as_lines(console: Console) -> Iterator[None]:
+    """While inside: raydiff's own warnings (a damaged checkpoint skipped, a sampler setting
+    clamped) as one line each on `console`; any other library's keep Python's usual form."""
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -48,4 +51,6 @@ def show_warnings_as_lines(console: Console) -> None:
         else:
             shown(message, category, filename, lineno, file, line)
 
-    warnings.showwarning = show
+    with warnings.catch_warnings():  # restores showwarning (and the filters) on the way out
+        warnings.showwarning = show
+        yield

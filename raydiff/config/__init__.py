@@ -6,6 +6,7 @@ from raydiff.config.load import (
     config_keys,
     did_you_mean,
     load_config,
+    shown,
 )
 from raydiff.config.schema import (
     SECRET_KEYS,
@@ -25,5 +26,5 @@ from raydiff.config.schema import (
 __all__ = [
     "SECRET_KEYS", "Config", "ConfigError", "DataConfig", "DebugConfig", "DiffusionConfig",
     "ModelConfig", "OptimConfig", "RayConfig", "ReferenceConfig", "TrainConfig", "TuneConfig",
-    "apply_overrides", "build_config", "config_keys", "did_you_mean", "load_config",
+    "apply_overrides", "build_config", "config_keys", "did_you_mean", "load_config", "shown",
 ]

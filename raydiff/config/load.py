@@ -41,8 +41,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            shown = "<hidden>" if any(k in item for k in SECRET_KEYS) else repr(item)
-            raise ConfigError(f"override {shown}: expected dotted key=value, "
+            what = "<hidden>" if any(k in item for k in SECRET_KEYS) else repr(item)
+            raise ConfigError(f"override {what}: expected dotted key=value, "
                               f"e.g. train.max_steps=100")
         _set_dotted(raw, key.strip(), _parse_scalar(value))
     return build_config(raw, origin=origin)
@@ -159,7 +159,7 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
             value, ok = float(value), True
     if not ok:
         name = getattr(expected, "__name__", str(expected))
-        raise ConfigError(f"{origin}: {key} must be {name}, got {_shown(key, value)} "
+        raise ConfigError(f"{origin}: {key} must be {name}, got {shown(key, value)} "
                           f"({type(value).__name__})")
     if expected is float:
         value = float(value)
@@ -168,8 +168,8 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
     return value
 
 
-def _shown(key: str, value: Any) -> str:
-    """How an error message may show a value: credentials never, whatever their type."""
+def shown(key: str, value: Any) -> str:
+    """How an error message may show `key`'s value: credentials never, whatever their type."""
     return "<hidden>" if key in SECRET_KEYS else repr(value)
 
 

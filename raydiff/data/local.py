@@ -17,10 +17,8 @@ import pyarrow.compute as pc
 from raydiff.config import DataConfig
 from raydiff.data.output import (
     Staging,
-    build_manifest,
-    check_strict,
-    read_manifest,
-    write_manifest,
+    existing_manifest,
+    finish_output,
     write_shards,
     write_tokenizer,
 )
@@ -31,7 +29,7 @@ from raydiff.data.records import (
     read_records,
     records_of_articles,
 )
-from raydiff.data.sources import Source, fingerprint, output_location, resolve_source
+from raydiff.data.sources import Source, output_location, resolve_source
 from raydiff.data.stages import (
     DEDUP_AGGREGATES,
     DEDUP_KEYS,
@@ -54,9 +52,8 @@ def prepare_local(cfg: DataConfig) -> PreparedData:
     output is already complete (whichever way it was made)."""
     source = resolve_source(cfg)
     out = output_location(cfg, source)
-    existing = read_manifest(out)
+    existing = existing_manifest(cfg, out)
     if existing is not None:
-        check_strict(cfg, existing)
         return PreparedData(out, existing, reused=True)
     started = time.perf_counter()
     tables = CharTables.build(cfg.lowercase, cfg.pack)
@@ -73,12 +70,9 @@ def prepare_local(cfg: DataConfig) -> PreparedData:
                                "local", cfg.shard_rows)
         vocab_size = write_tokenizer(staging, vocabulary, cfg.lowercase)
         written = time.perf_counter()
-        manifest = build_manifest(cfg, cfg.source, source.paths, fingerprint(cfg, source),
-                                  results, vocab_size,
-                                  {"segments_s": counted - started, "vocabulary_s": chosen - counted,
-                                   "write_s": written - chosen})
-        check_strict(cfg, manifest)
-        write_manifest(staging, manifest)
+        manifest = finish_output(staging, cfg, source, results, vocab_size, {
+            "segments_s": counted - started, "vocabulary_s": chosen - counted,
+            "write_s": written - chosen})
     return PreparedData(out, manifest, reused=False)
 
 

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from raydiff.config import SECRET_KEYS, DataConfig
 from raydiff.data.records import RANK_OF_SPLIT, SPLITS, STATUSES
+from raydiff.data.sources import Source, fingerprint
 from raydiff.data.stages import SEGMENT, TALLY_NAME
 from raydiff.data.storage import DataError, Location
 from raydiff.data.tokenizer import UNK_ID, save_word_tokenizer, tokenizer_from_vocabulary
@@ -118,10 +119,28 @@ def build_manifest(cfg: DataConfig, source_name: str, files: list[str], fingerpr
     }
 
 
-def check_strict(cfg: DataConfig, manifest: dict) -> None:
-    """With `data.strict`, any damaged file or skipped line is a one-line error: raised before
-    the manifest that marks an output complete is written, and when an output made without
-    `strict` would be reused."""
+def existing_manifest(cfg: DataConfig, out: Location) -> dict | None:
+    """The manifest of the complete output at `out`, None when there is none yet; under
+    `data.strict`, one that counts skipped input is an error (the output stays as it is)."""
+    manifest = read_manifest(out)
+    if manifest is not None:
+        _check_strict(cfg, manifest)
+    return manifest
+
+
+def finish_output(stage: Location, cfg: DataConfig, source: Source, results: list[dict],
+                  vocab_size: int, timings: dict[str, float]) -> dict:
+    """Build the manifest of a staged output from its shards' records and tallies, check it
+    against `data.strict`, and write it last: only then is the output complete."""
+    manifest = build_manifest(cfg, cfg.source, source.paths, fingerprint(cfg, source), results,
+                              vocab_size, timings)
+    _check_strict(cfg, manifest)
+    write_manifest(stage, manifest)
+    return manifest
+
+
+def _check_strict(cfg: DataConfig, manifest: dict) -> None:
+    """With `data.strict`, any damaged file or skipped line is a one-line error."""
     if not cfg.strict:
         return
     if damaged := manifest["skipped_files"]:

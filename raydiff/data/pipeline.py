@@ -39,16 +39,14 @@ from raydiff.config import DataConfig
 from raydiff.data.local import choose_vocabulary
 from raydiff.data.output import (
     Staging,
-    build_manifest,
-    check_strict,
-    read_manifest,
-    write_manifest,
+    existing_manifest,
+    finish_output,
     write_shards,
     write_tokenizer,
 )
 from raydiff.data.prepared import PreparedData
 from raydiff.data.records import read_records, records_of_articles
-from raydiff.data.sources import Source, fingerprint, output_location, resolve_source
+from raydiff.data.sources import Source, output_location, resolve_source
 from raydiff.data.stages import (
     COUNTS,
     DEDUP_AGGREGATES,
@@ -75,9 +73,8 @@ def prepare(cfg: DataConfig) -> PreparedData:
     the caller). A no-op when that output is already complete."""
     source = resolve_source(cfg)
     out = output_location(cfg, source)
-    existing = read_manifest(out)
+    existing = existing_manifest(cfg, out)
     if existing is not None:
-        check_strict(cfg, existing)
         return PreparedData(out, existing, reused=True)
     return _prepare(cfg, source, out)
 
@@ -131,10 +128,7 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
         marks.append(time.perf_counter())
         names = ("tables_s", "segments_s", "vocabulary_s", "write_s")
         timings = {name: b - a for name, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
-        manifest = build_manifest(cfg, cfg.source, source.paths, fingerprint(cfg, source),
-                                  results, vocab_size, timings)
-        check_strict(cfg, manifest)
-        write_manifest(staging, manifest)
+        manifest = finish_output(staging, cfg, source, results, vocab_size, timings)
     return PreparedData(out, manifest, reused=False)
 
 

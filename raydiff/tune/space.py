@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 from raydiff.config import (
-    SECRET_KEYS,
     Config,
     ConfigError,
     apply_overrides,
     config_keys,
     did_you_mean,
+    shown,
 )
 
 LISTS = ("grid", "choice")
@@ -34,8 +34,7 @@ def _check_value(base: Config, key: str, value: Any) -> None:
     try:
         apply_overrides(base, {key: value})
     except ConfigError as e:
-        shown = "<hidden>" if key in SECRET_KEYS else repr(value)
-        raise ConfigError(f"tune.search_space.{key}: value {shown} is invalid: "
+        raise ConfigError(f"tune.search_space.{key}: value {shown(key, value)} is invalid: "
                           f"{str(e).split(': ', 1)[-1]}") from None
 
 
