@@ -89,3 +89,23 @@ def test_cli_reports_config_errors_in_one_line_without_traceback():
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "did you mean 'optim.lr'" in lines[0]
+
+
+def test_schedule_choices_are_the_schedules_modules_names_and_need_no_torch():
+    """The config validates schedule names and lengths against raydiff.diffusion.betas, which
+    must stay importable without torch (Ray Data workers of `prepare` load configs)."""
+    import typing
+
+    from raydiff.config.schema import DiffusionConfig
+    from raydiff.diffusion import SCHEDULE_NAMES, get_named_beta_schedule, min_num_steps
+
+    hint = typing.get_type_hints(DiffusionConfig)["schedule"]
+    assert typing.get_args(hint) == SCHEDULE_NAMES
+    code = ("import sys, raydiff.config as c; c.load_config(None, ['diffusion.schedule=cosine']);"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    for name in SCHEDULE_NAMES:  # every name the config accepts builds at its shortest T
+        steps = min_num_steps(name)
+        cfg = load_config(None, [f"diffusion.schedule={name}", f"diffusion.num_steps={steps}"])
+        assert get_named_beta_schedule(name, cfg.diffusion.num_steps).shape == (steps,)

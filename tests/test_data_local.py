@@ -90,12 +90,17 @@ def test_prepared_in_process_splits_do_not_share_articles_and_batches_cover_data
     splits = prepared.manifest["splits"]
     assert len(train["input_ids"]) == splits["train"]["segments"]
     assert sum(s["segments"] for s in splits.values()) == prepared.manifest["segments"]
-    # two ranks take disjoint halves of each global batch
-    rank0 = next(iterate_batches(train, 8, seed=0, rank=0, world_size=2))
-    rank1 = next(iterate_batches(train, 8, seed=0, rank=1, world_size=2))
-    whole = next(iterate_batches(train, 16, seed=0))
-    assert sorted(map(tuple, np.concatenate([rank0["input_ids"], rank1["input_ids"]]).tolist())) \
-        == sorted(map(tuple, whole["input_ids"].tolist()))
+    # an epoch is a permutation of the split (every row at most once, the tail dropped), in
+    # an order of its own (seed, epoch)
+    n = len(train["input_ids"])
+    indexed = {**train, "index": np.arange(n)}
+    two = [b["index"].numpy() for b in iterate_batches(indexed, 8, seed=0, epochs=2)]
+    first, second = np.concatenate(two[:n // 8]), np.concatenate(two[n // 8:])
+    assert len(first) == len(set(first.tolist())) == n // 8 * 8 == len(second)
+    assert not np.array_equal(first, np.arange(len(first))) and not np.array_equal(first, second)
+    again = np.concatenate([b["index"].numpy() for b in iterate_batches(indexed, 8, seed=0,
+                                                                        epochs=1)])
+    assert np.array_equal(first, again)
     assert sum(len(b["input_ids"]) for b in chunk_batches(valid, 7)) == len(valid["input_ids"])
     assert prepare_local(cfg).reused
 

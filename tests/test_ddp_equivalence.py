@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from raydiff.config import load_config
-from raydiff.diffusion import diffusion_losses
+from raydiff.diffusion import Draws, LossSpec, diffusion_losses
 from raydiff.train.engine import DiffusionEngine
 from tests.conftest import ROOT
 
@@ -98,18 +98,14 @@ def test_unweighted_unequal_batches_would_differ(tmp_path):
         eng.optimizer.zero_grad(set_to_none=True)
         t_all, _ = eng.timesteps.sample(GLOBAL_BATCH, "cpu", eng.generator)
         shape = (GLOBAL_BATCH, SEQ_LEN, eng.model.word_embedding.embedding_dim)
-        eps0, eps = torch.randn(shape, generator=eng.generator), torch.randn(shape,
-                                                                             generator=eng.generator)
-        sl = slice(offset, offset + local)
-        terms = diffusion_losses(eng.model, eng.schedule, mine["input_ids"],
-                                 mine["attention_mask"], t_all[sl], loss="anchor",
-                                 noise=(eps0[sl], eps[sl]), use_self_cond=False)
+        draws = Draws.sample(t_all, shape, eng.generator)
+        terms = diffusion_losses(eng.model, eng.schedule, mine, LossSpec(loss="anchor"),
+                                 draws[offset:offset + local])
         terms.total.mean().backward()
         grads.append([p.grad.clone() for p in eng.model.parameters()])
     engines[0].optimizer.zero_grad(set_to_none=True)
-    reference = diffusion_losses(engines[0].model, engines[0].schedule, batch["input_ids"],
-                                 batch["attention_mask"], t_all, loss="anchor",
-                                 noise=(eps0, eps), use_self_cond=False)
+    reference = diffusion_losses(engines[0].model, engines[0].schedule, batch,
+                                 LossSpec(loss="anchor"), draws)
     reference.total.mean().backward()
     averaged = [(a + b) / 2 for a, b in zip(*grads, strict=True)]
     weighted = [(12 * a + 4 * b) / 16 for a, b in zip(*grads, strict=True)]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from raydiff.diffusion import NoiseSchedule, diffusion_losses, masked_mean
+from raydiff.diffusion import Draws, LossSpec, NoiseSchedule, diffusion_losses, masked_mean
 from tests.conftest import tiny_denoiser
 
 
@@ -15,11 +15,16 @@ def _batch(vocab=50, B=4, L=8):
     return ids, mask
 
 
-def _losses(model, ids, mask, loss, t=None, seed=0):
+def _draws(ids, t, seed=0, dim=16):
+    return Draws.sample(t, (*ids.shape, dim), torch.Generator().manual_seed(seed))
+
+
+def _losses(model, ids, mask, loss, t=None, seed=0, perturb_z0=True):
     s = NoiseSchedule.named("pw_lin", 100)
     t = torch.tensor([0, 10, 50, 99]) if t is None else t
-    return diffusion_losses(model, s, ids, mask, t, loss=loss,
-                            generator=torch.Generator().manual_seed(seed))
+    return diffusion_losses(model, s, {"input_ids": ids, "attention_mask": mask},
+                            LossSpec(loss=loss, perturb_z0=perturb_z0),
+                            _draws(ids, t, seed, model.word_embedding.embedding_dim))
 
 
 @pytest.mark.parametrize("loss", ["rounding", "anchor"])
@@ -28,7 +33,11 @@ def test_ce_gradient_reaches_denoiser_only_for_anchor(loss):
     ids, mask = _batch()
     terms = _losses(model, ids, mask, loss)
     terms.ce.sum().backward()
-    body_grads = [p.grad for p in model.non_embedding_parameters()]
+    shared = {id(p) for p in (model.word_embedding.weight, model.lm_bias)}
+    if model.embed_norm is not None:
+        shared |= {id(p) for p in model.embed_norm.parameters()}
+    # the network proper: not the table, its norm or the head bias
+    body_grads = [p.grad for p in model.parameters() if id(p) not in shared]
     body_norm = sum(g.abs().sum().item() for g in body_grads if g is not None)
     if loss == "anchor":
         assert body_norm > 0
@@ -36,6 +45,45 @@ def test_ce_gradient_reaches_denoiser_only_for_anchor(loss):
         assert body_norm == 0
     # either way the CE reaches the shared embedding table
     assert model.word_embedding.weight.grad.abs().sum() > 0
+
+
+def test_loss_none_optimises_mse_and_tT_only_and_still_logs_both_ce():
+    model = tiny_denoiser()
+    ids, mask = _batch()
+    none, anchor = _losses(model, ids, mask, "none"), _losses(model, ids, mask, "anchor")
+    assert torch.all(none.ce == 0)
+    torch.testing.assert_close(none.total, none.mse + none.t_T)
+    # same draws, same model: every logged term agrees with the anchor run's
+    for name in ("mse", "t_T", "rounding_ce", "anchor_ce", "token_accuracy"):
+        torch.testing.assert_close(getattr(none, name), getattr(anchor, name))
+    assert torch.all(anchor.ce > 0)
+    none.total.sum().backward()
+    model.zero_grad()
+    # the CE terms carry no graph: nothing but mse and tT can move the weights
+    assert not none.anchor_ce.requires_grad and not none.rounding_ce.requires_grad
+
+
+def test_draws_rows_of_the_global_batch_are_the_local_batches_draws():
+    ids, _ = _batch(B=6)
+    t = torch.arange(6)
+    whole = _draws(ids, t, seed=3)
+    part = whole[slice(2, 5)]
+    assert part.t.tolist() == [2, 3, 4] and part.eps0.shape == (3, 8, 16)
+    torch.testing.assert_close(part.eps, whole.eps[2:5], rtol=0, atol=0)
+    again = _draws(ids, t, seed=3)  # the same generator state, the same draws
+    torch.testing.assert_close(again.eps0, whole.eps0, rtol=0, atol=0)
+    coins = {Draws.sample(t, (6, 8, 16), torch.Generator().manual_seed(s), True).self_cond
+             for s in range(20)}
+    assert coins == {True, False}
+    assert not any(Draws.sample(t, (6, 8, 16), torch.Generator().manual_seed(s)).self_cond
+                   for s in range(20))
+
+
+def test_loss_spec_reads_the_diffusion_section():
+    from raydiff.config import load_config
+    d = load_config(None, ["diffusion.loss=rounding", "diffusion.noise_factor=2.0",
+                           "diffusion.perturb_z0=false"]).diffusion
+    assert LossSpec.of(d) == LossSpec(loss="rounding", noise_factor=2.0, perturb_z0=False)
 
 
 def test_every_term_sends_gradient_into_embeddings():
@@ -106,11 +154,11 @@ def test_target_is_clean_embedding_at_t0_and_perturbed_z0_elsewhere():
     oracle = _OracleOfCleanEmbedding(tiny_denoiser(), ids)
     s = NoiseSchedule.named("pw_lin", 100)
     t = torch.tensor([0, 0, 5, 5])
-    terms = diffusion_losses(oracle, s, ids, mask, t, perturb_z0=True,
-                             generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": mask}
+    terms = diffusion_losses(oracle, s, batch, LossSpec(perturb_z0=True), _draws(ids, t, dim=8))
     assert torch.all(terms.mse[:2] == 0)
     # elsewhere the target carries the sqrt(b_0) perturbation: mse ~ b_0 per entry
     assert torch.all(terms.mse[2:] > 0.3 * s.betas[0].item())
-    unperturbed = diffusion_losses(oracle, s, ids, mask, t, perturb_z0=False,
-                                   generator=torch.Generator().manual_seed(0))
+    unperturbed = diffusion_losses(oracle, s, batch, LossSpec(perturb_z0=False),
+                                   _draws(ids, t, dim=8))
     assert torch.all(unperturbed.mse == 0)

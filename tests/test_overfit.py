@@ -6,7 +6,7 @@ import torch
 from raydiff.config import load_config
 from raydiff.data.blocks import encode_blocks
 from raydiff.data.tokenizer import train_word_tokenizer
-from raydiff.diffusion import diffusion_losses, sample
+from raydiff.diffusion import Draws, LossSpec, diffusion_losses, sample
 from raydiff.train.engine import DiffusionEngine
 
 SENTENCES = [
@@ -38,8 +38,8 @@ def test_tiny_model_overfits_and_sampling_reproduces_training_sentences():
     model = engine.ema.model.eval()
     with torch.no_grad():
         t = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(0))
-        terms = diffusion_losses(model, engine.schedule, batch["input_ids"],
-                                 batch["attention_mask"], t)
+        draws = Draws.sample(t, (6, 12, 16), torch.Generator().manual_seed(1))
+        terms = diffusion_losses(model, engine.schedule, batch, LossSpec(), draws)
     assert terms.token_accuracy.mean() > 0.9
 
     out = sample(model, engine.schedule, (6, 12, 16), sample_steps=50, clamp=True,

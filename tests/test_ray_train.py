@@ -79,13 +79,14 @@ def test_more_workers_than_cpus_fails_fast(ray_session, smoke_cfg):
 
 
 def test_throughput_balance_gives_a_slow_worker_a_smaller_batch(ray_session, smoke_cfg, data_dir):
-    """Rank 1 computes 4x slower (the benchmark knob): every measurement gives rank 0 the larger
-    share, the shares always sum to the global batch, and the run crosses several epochs (the
+    """Rank 1 reports a third of rank 0's speed (injected: the decision is checked without a
+    clock; scripts/bench_train.py measures real slow workers): every measurement splits the
+    global batch 3:1, the workers take those rows, and the run crosses several epochs (the
     workers' unequal reads must not hang at an epoch's end)."""
     cfg = _cfg(smoke_cfg, data_dir, **{
         "train.max_steps": 30, "train.eval_every": 30, "train.checkpoint_every": 30,
         "ray.batch_balance": "throughput", "ray.rebalance_every": 10,
-        "debug.slow_rank": 1, "debug.slow_factor": 4.0})
+        "debug.probe_speeds": [3.0, 1.0]})
     run = train_on_ray(cfg)
     path, _ = prepared_data(cfg)
     _, manifest = open_prepared(path, cfg.data)
@@ -93,14 +94,12 @@ def test_throughput_balance_gives_a_slow_worker_a_smaller_batch(ray_session, smo
 
     measured = [json.loads(line) for line in (run.run_dir / "balance.jsonl").read_text().splitlines()]
     assert [m["step"] for m in measured] == [0, 10, 20]
-    for m in measured:
-        fast, slow = m["samples_per_s"]
-        assert fast > 2 * slow and sum(m["local_batch"]) == 32
-        assert m["local_batch"][0] > m["local_batch"][1]
+    for m in measured:  # gathered in rank order, split in proportion
+        assert m["samples_per_s"] == [3.0, 1.0] and m["local_batch"] == [24, 8]
     reports = _reports(run.run_dir)
     assert [r["step"] for r in reports][-1] == 30
-    for r in reports:
-        assert r["local_batch_rank0"] + r["local_batch_rank1"] == pytest.approx(32)
+    for r in reports:  # the rows each worker trained on
+        assert (r["local_batch_rank0"], r["local_batch_rank1"]) == pytest.approx((24, 8))
         assert r["tokens_per_s"] == pytest.approx(r["tokens_per_s_rank0"] + r["tokens_per_s_rank1"])
 
 

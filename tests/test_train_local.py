@@ -105,9 +105,9 @@ def test_validation_reports_mse_at_abar_one_half_for_every_schedule(smoke_cfg, m
 
     seen: list[torch.Tensor] = []
 
-    def recording(model, schedule, input_ids, attention_mask, t, **kwargs):
-        seen.append(t.clone())
-        return real(model, schedule, input_ids, attention_mask, t, **kwargs)
+    def recording(model, schedule, batch, spec, draws):
+        seen.append(draws.t.clone())
+        return real(model, schedule, batch, spec, draws)
 
     real = engine_module.diffusion_losses
     monkeypatch.setattr(engine_module, "diffusion_losses", recording)

@@ -64,8 +64,16 @@ def _finished_trials(experiment_dir):
 
 
 def test_interrupted_sweep_resumes_and_skips_finished_trials(ray_session, tmp_path):
+    """Driven by trial completion, not a clock: half the trials search over `debug.hold_file`,
+    so they cannot finish while the file exists. Tune expands the grid with the last key
+    fastest, so with two trials at a time a held trial never keeps a free one from starting.
+    Ctrl-C comes once Tune's saved state records both free trials as ended."""
+    hold = tmp_path / "hold"
+    hold.touch()
     cfg = _smoke(tmp_path, **{"tune.scheduler": "fifo", "train.max_steps": 40,
-                              "train.run_name": "restore"})
+                              "train.run_name": "restore", "tune.max_concurrent_trials": 2})
+    cfg.tune.search_space = {"diffusion.loss": {"grid": ["rounding", "anchor"]},
+                             "debug.hold_file": {"grid": ["", str(hold)]}}
     config_file = tmp_path / "sweep.yaml"
     cfg.save(config_file)
     experiment_dir = tmp_path / "tune" / "restore"
@@ -76,10 +84,10 @@ def test_interrupted_sweep_resumes_and_skips_finished_trials(ray_session, tmp_pa
              "--address", address], cwd=tmp_path, start_new_session=True, stdout=log,
             stderr=subprocess.STDOUT, env=os.environ | {"PYTHONPATH": str(ROOT)})
     try:
-        deadline = time.monotonic() + 300
-        while not _finished_trials(experiment_dir):
-            assert sweep.poll() is None, "the sweep ended before any trial finished"
-            assert time.monotonic() < deadline, "no trial finished in 300 s"
+        deadline = time.monotonic() + 400  # a guard against a hang, not the condition
+        while len(_finished_trials(experiment_dir)) < 2:
+            assert sweep.poll() is None, "the sweep ended with held trials still to run"
+            assert time.monotonic() < deadline, "the free trials did not finish in 400 s"
             time.sleep(1)
         sweep.send_signal(signal.SIGINT)  # Ctrl-C
         assert sweep.wait(timeout=120) == 130  # "interrupted; continue with --resume"
@@ -87,10 +95,11 @@ def test_interrupted_sweep_resumes_and_skips_finished_trials(ray_session, tmp_pa
         if sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)
     finished = _finished_trials(experiment_dir)
-    assert 1 <= len(finished) < 4
+    assert len(finished) == 2 and all("hold_file=_" in name for name in finished), finished
     before = {name: (experiment_dir / "runs" / name / "metrics.jsonl").read_text()
               for name in finished}
 
+    hold.unlink()  # the held trials may now run to the end
     resumed = run_ablation(resume=experiment_dir, verbose=0)
     assert not resumed.interrupted
     rows = finish(resumed, with_yardsticks=False)["rows"]

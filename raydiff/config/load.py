@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from raydiff.config.schema import SECRET_KEYS, Config, ConfigError
+from raydiff.diffusion.betas import min_num_steps
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -181,8 +182,9 @@ def _finite_number(value: Any) -> bool:
 def _check_consistency(cfg: Config, origin: str) -> None:
     """Constraints that span several keys; each error names the key to change."""
     d, m = cfg.diffusion, cfg.model
-    if d.schedule == "pw_lin" and d.num_steps <= 10:
-        raise ConfigError(f"{origin}: diffusion.num_steps={d.num_steps} must be > 10 for pw_lin")
+    if d.num_steps < min_num_steps(d.schedule):
+        raise ConfigError(f"{origin}: diffusion.num_steps={d.num_steps} must be > "
+                          f"{min_num_steps(d.schedule) - 1} for {d.schedule}")
     if m.hidden_size % m.num_heads:
         raise ConfigError(
             f"{origin}: model.num_heads={m.num_heads} must divide "
@@ -194,11 +196,12 @@ def _check_consistency(cfg: Config, origin: str) -> None:
         if not _finite_number(amount) or amount <= 0:
             raise ConfigError(f"{origin}: ray.worker_resources.{name} must be a positive "
                               f"number, got {amount!r}")
-    shares = cfg.ray.batch_shares
-    if shares and (len(shares) != max(cfg.ray.num_workers, 1) or any(
-            not _finite_number(v) or v <= 0 for v in shares)):
-        raise ConfigError(f"{origin}: ray.batch_shares={shares!r} needs one positive number per "
-                          f"worker (ray.num_workers={cfg.ray.num_workers})")
+    for key, per_worker in (("ray.batch_shares", cfg.ray.batch_shares),
+                            ("debug.probe_speeds", cfg.debug.probe_speeds)):
+        if per_worker and (len(per_worker) != max(cfg.ray.num_workers, 1) or any(
+                not _finite_number(v) or v <= 0 for v in per_worker)):
+            raise ConfigError(f"{origin}: {key}={per_worker!r} needs one positive number per "
+                              f"worker (ray.num_workers={cfg.ray.num_workers})")
     if cfg.train.batch_size < cfg.ray.num_workers:
         raise ConfigError(f"{origin}: train.batch_size={cfg.train.batch_size} is smaller than "
                           f"ray.num_workers={cfg.ray.num_workers}")

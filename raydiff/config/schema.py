@@ -10,7 +10,10 @@ from typing import Any, Literal
 
 import yaml
 
+from raydiff.diffusion.betas import SCHEDULE_NAMES
 from raydiff.errors import RaydiffError
+
+LossName = Literal["none", "rounding", "anchor"]  # the CE term of docs/design.md §4
 
 
 class ConfigError(RaydiffError):
@@ -49,11 +52,11 @@ class ModelConfig:
 class DiffusionConfig:
     """The diffusion process, loss and sampler defaults (docs/design.md §1, §2, §4, §5)."""
 
-    schedule: Literal["linear", "cosine", "sqrt", "trunc_cos", "trunc_lin", "pw_lin"] = "pw_lin"
+    schedule: Literal[SCHEDULE_NAMES] = "pw_lin"
     num_steps: int = _field(2000, ge=2)  # T
     noise_factor: float = _field(1.0, gt=0.0)  # Difformer's F
     perturb_z0: bool = True  # z0 = E[w] + sqrt(b_0) eps0 (Diffusion-LM)
-    loss: Literal["rounding", "anchor"] = "anchor"
+    loss: LossName = "anchor"  # none: mse + tT only, the collapse study's positive control
     timestep_sampling: Literal["uniform", "loss_second_moment"] = "uniform"
     self_condition: bool = False
     sampler: Literal["ddpm", "ddim"] = "ddim"
@@ -175,6 +178,9 @@ class DebugConfig:
     slow_factor: float = _field(1.0, ge=1.0)
     nan_rank: int = -1  # this worker's training loss turns NaN ...
     nan_at_step: int = _field(0, ge=0)  # ... at this step (0 = off)
+    hold_file: str = ""  # Ray workers wait before each step while this file exists
+    probe_speeds: list[float] = field(default_factory=list)  # samples/s per rank reported by
+    # ray.batch_balance=throughput instead of measuring them (tests: a decision without clocks)
 
 
 @dataclass

@@ -11,23 +11,20 @@ import numpy as np
 from raydiff.data.storage import DataError
 
 
-def iterate_batches(blocks: dict[str, np.ndarray], batch_size: int, *, seed: int, rank: int = 0,
-                    world_size: int = 1, shuffle: bool = True,
-                    epochs: int | None = None) -> Iterator[dict]:
-    """Batches of this rank's share of `blocks`, reshuffled each epoch with (seed, epoch); every
-    rank sees the same permutation and takes its own stride of it. Infinite when epochs is None."""
+def iterate_batches(blocks: dict[str, np.ndarray], batch_size: int, *, seed: int,
+                    shuffle: bool = True, epochs: int | None = None) -> Iterator[dict]:
+    """Batches of `blocks`, reshuffled each epoch with (seed, epoch), each epoch's tail that
+    cannot fill a batch dropped. Infinite when epochs is None."""
     import torch
 
     n = blocks["input_ids"].shape[0]
-    if n < batch_size * world_size:
-        raise DataError(f"{n} examples cannot fill one global batch of {batch_size * world_size}")
+    if n < batch_size:
+        raise DataError(f"{n} examples cannot fill one batch of {batch_size}")
     epoch = 0
     while epochs is None or epoch < epochs:
         order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
                  else np.arange(n))
-        usable = (n // (batch_size * world_size)) * batch_size * world_size
-        mine = order[:usable].reshape(-1, world_size, batch_size)[:, rank]  # (steps, B)
-        for idx in mine:
+        for idx in order[:n // batch_size * batch_size].reshape(-1, batch_size):  # (steps, B)
             yield {k: torch.from_numpy(v[idx]) for k, v in blocks.items()}
         epoch += 1
 

@@ -1,17 +1,35 @@
-"""Diffusion mathematics (docs/design.md §1-§5): pure torch/numpy, single device, no Ray."""
+"""Diffusion mathematics (docs/design.md §1-§5): pure torch/numpy, single device, no Ray.
 
-from raydiff.diffusion.forward import perturb_embedding, q_sample
-from raydiff.diffusion.losses import LossTerms, diffusion_losses, masked_mean
-from raydiff.diffusion.sampling import nearest_embedding, respaced_timesteps, sample
-from raydiff.diffusion.schedules import SCHEDULE_NAMES, NoiseSchedule, get_named_beta_schedule
-from raydiff.diffusion.timesteps import (
-    LossSecondMomentSampler,
-    UniformSampler,
-    make_timestep_sampler,
-)
+The public names below are imported on first use, so that `raydiff.diffusion.betas` (numpy
+only) can be read by the configuration without importing torch.
+"""
 
-__all__ = [
-    "SCHEDULE_NAMES", "LossSecondMomentSampler", "LossTerms", "NoiseSchedule", "UniformSampler",
-    "diffusion_losses", "get_named_beta_schedule", "make_timestep_sampler", "masked_mean",
-    "nearest_embedding", "perturb_embedding", "q_sample", "respaced_timesteps", "sample",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOME = {  # public name -> the module that defines it
+    "SCHEDULE_NAMES": "betas", "get_named_beta_schedule": "betas", "min_num_steps": "betas",
+    "perturb_embedding": "forward", "q_sample": "forward",
+    "Batch": "losses", "Draws": "losses", "LossSpec": "losses", "LossTerms": "losses",
+    "diffusion_losses": "losses", "masked_mean": "losses",
+    "nearest_embedding": "sampling", "respaced_timesteps": "sampling", "sample": "sampling",
+    "NoiseSchedule": "schedules",
+    "LossSecondMomentSampler": "timesteps", "UniformSampler": "timesteps",
+    "make_timestep_sampler": "timesteps",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+

@@ -1,20 +1,27 @@
 """The training objective of stabilised Diffusion-LM (docs/design.md §4), per example, over non-PAD tokens.
 
-total = mse + CE + tT, where CE is the rounding loss CE(logits(z0), w) of Diffusion-LM or the
-anchor loss CE(logits(x0hat), w) of Difformer. Gradients reach E from every term. Averages
+total = mse + CE + tT, where CE is the rounding loss CE(logits(z0), w) of Diffusion-LM, the
+anchor loss CE(logits(x0hat), w) of Difformer, or nothing ("none": the positive control of the
+collapse study, whose denoising loss alone can be made small by shrinking the embeddings). Gradients reach E from every term. Averages
 follow Diffusion-LM's `mean_flat`: over embedding dimensions, then over the example's tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from raydiff.diffusion.forward import perturb_embedding, q_sample
 from raydiff.diffusion.schedules import NoiseSchedule
+
+if TYPE_CHECKING:
+    from raydiff.config.schema import DiffusionConfig, LossName
+
+Batch = Mapping[str, torch.Tensor]  # {"input_ids": (B, L) int64, "attention_mask": (B, L)}
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -30,7 +37,7 @@ class LossTerms:
     total: torch.Tensor
     mse: torch.Tensor
     t_T: torch.Tensor
-    ce: torch.Tensor  # the CE term in `total` (rounding or anchor)
+    ce: torch.Tensor  # the CE term in `total` (rounding, anchor, or zeros for none)
     rounding_ce: torch.Tensor
     anchor_ce: torch.Tensor
     token_accuracy: torch.Tensor  # argmax(logits(x0hat)) == w
@@ -43,43 +50,61 @@ def _token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return flat.view(input_ids.shape)
 
 
-def diffusion_losses(
-    model: torch.nn.Module,
-    schedule: NoiseSchedule,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    t: torch.Tensor,
-    *,
-    loss: Literal["rounding", "anchor"] = "anchor",
-    noise_factor: float = 1.0,
-    perturb_z0: bool = True,
-    self_condition: bool = False,
-    generator: torch.Generator | None = None,
-    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
-    use_self_cond: bool | None = None,
-) -> LossTerms:
-    """Loss terms for token ids (B, L) at timesteps t (B,); `model` is a `Denoiser` (or a DDP
-    wrapper of one: only its forward is called through the wrapper).
+@dataclass(frozen=True)
+class LossSpec:
+    """The objective's settings (docs/design.md §4), read once from `cfg.diffusion`."""
 
-    Randomness comes from `generator`, or explicitly: `noise` = (eps0, eps), each (B, L, d), for
-    the z0 perturbation and the forward process, and `use_self_cond` for the self-conditioning
-    coin (distributed workers draw these for the global batch and take their slice)."""
+    loss: LossName = "anchor"  # the CE term in `total`; "none": mse + tT only
+    noise_factor: float = 1.0  # F, Difformer's noise factor
+    perturb_z0: bool = True  # z0 = E[w] + sqrt(b_0) eps0 rather than E[w]
+
+    @classmethod
+    def of(cls, d: DiffusionConfig) -> LossSpec:
+        return cls(loss=d.loss, noise_factor=d.noise_factor, perturb_z0=d.perturb_z0)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """All the randomness of one evaluation of the loss. Distributed workers draw it for the
+    global batch from the generator they share and each takes its rows (`draws[rows]`)."""
+
+    t: torch.Tensor  # (B,) timesteps
+    eps0: torch.Tensor  # (B, L, d) noise of the z0 perturbation
+    eps: torch.Tensor  # (B, L, d) noise of the forward process
+    self_cond: bool = False  # condition on a detached first guess this time (Strudel et al.)
+
+    @classmethod
+    def sample(cls, t: torch.Tensor, shape: tuple[int, int, int],
+               generator: torch.Generator | None = None, self_condition: bool = False) -> Draws:
+        """Noise of `shape` (B, L, d) on the CPU for timesteps t (B,), then, for a model with
+        self-conditioning, the coin that is heads half the time. The order of the draws is part
+        of the contract: the same generator state gives the same `Draws` on every worker."""
+        eps0 = torch.randn(shape, generator=generator)
+        eps = torch.randn(shape, generator=generator)
+        coin = self_condition and torch.rand((), generator=generator).item() < 0.5
+        return cls(t, eps0, eps, coin)
+
+    def __getitem__(self, rows: slice) -> Draws:
+        return Draws(self.t[rows], self.eps0[rows], self.eps[rows], self.self_cond)
+
+
+def diffusion_losses(model: torch.nn.Module, schedule: NoiseSchedule, batch: Batch,
+                     spec: LossSpec, draws: Draws) -> LossTerms:
+    """Loss terms of a batch of token ids (B, L) under `spec`, with the randomness of `draws`.
+    `model` is a `Denoiser` (or a DDP wrapper of one: only its forward goes through the
+    wrapper)."""
     net = getattr(model, "module", model)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, L) each
     device = input_ids.device
+    t = draws.t.to(device)  # (B,)
     clean = net.embed(input_ids)  # E[w]: (B, L, d)
-
-    def randn_like(x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=generator, device="cpu").to(device, x.dtype)
-
-    eps0, eps = noise if noise is not None else (randn_like(clean), randn_like(clean))
-    z0 = perturb_embedding(schedule, clean, eps0.to(device, clean.dtype)) if perturb_z0 else clean
-    z_t = q_sample(schedule, z0, t, eps.to(device, z0.dtype), noise_factor)
+    eps0, eps = draws.eps0.to(device, clean.dtype), draws.eps.to(device, clean.dtype)
+    z0 = perturb_embedding(schedule, clean, eps0) if spec.perturb_z0 else clean
+    z_t = q_sample(schedule, z0, t, eps, spec.noise_factor)
     model_t = schedule.model_time(t)
 
-    if use_self_cond is None:
-        use_self_cond = self_condition and torch.rand((), generator=generator).item() < 0.5
     self_cond = None
-    if self_condition and use_self_cond:
+    if draws.self_cond:
         with torch.no_grad():  # Strudel et al.: half the time, condition on a detached guess
             self_cond = model(z_t, model_t, attention_mask).detach()
     x0_hat = model(z_t, model_t, attention_mask, self_cond)  # (B, L, d)
@@ -90,13 +115,13 @@ def diffusion_losses(
     abar_last = schedule.alphas_cumprod[-1].item()
     t_T = masked_mean((abar_last * z0.float().pow(2)).mean(dim=-1), attention_mask)
 
-    # the CE term that is not optimised is still logged: it shows which regime a run is in
-    with torch.set_grad_enabled(loss == "anchor" and torch.is_grad_enabled()):
+    # the CE terms that are not optimised are still logged: they show which regime a run is in
+    with torch.set_grad_enabled(spec.loss == "anchor" and torch.is_grad_enabled()):
         x0_logits = net.logits(x0_hat)  # (B, L, V)
         anchor_ce = masked_mean(_token_ce(x0_logits, input_ids), attention_mask)
-    with torch.set_grad_enabled(loss == "rounding" and torch.is_grad_enabled()):
+    with torch.set_grad_enabled(spec.loss == "rounding" and torch.is_grad_enabled()):
         rounding_ce = masked_mean(_token_ce(net.logits(z0), input_ids), attention_mask)
-    ce = rounding_ce if loss == "rounding" else anchor_ce
+    ce = {"rounding": rounding_ce, "anchor": anchor_ce}.get(spec.loss, torch.zeros_like(mse))
 
     with torch.no_grad():
         correct = (x0_logits.argmax(dim=-1) == input_ids).float()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raydiff.diffusion import diffusion_losses
+from raydiff.diffusion import Draws, LossSpec, diffusion_losses
 from raydiff.eval.metrics import bucketed
 
 SCORE_COLUMNS = ("t", "abar", "mse", "z0_sq", "token_accuracy")
@@ -38,10 +38,9 @@ def score_blocks(loaded, input_ids: np.ndarray, attention_mask: np.ndarray,
     mask = torch.as_tensor(attention_mask, device=device)
     t, eps0, eps = example_draws(indices, loaded.schedule.num_steps, ids.shape[1],
                                  cfg.model.embed_dim, seed)
-    terms = diffusion_losses(
-        model, loaded.schedule, ids, mask, t.to(device), loss=cfg.diffusion.loss,
-        noise_factor=cfg.diffusion.noise_factor, perturb_z0=cfg.diffusion.perturb_z0,
-        self_condition=cfg.diffusion.self_condition, noise=(eps0, eps), use_self_cond=False)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    terms = diffusion_losses(model, loaded.schedule, batch, LossSpec.of(cfg.diffusion),
+                             Draws(t, eps0, eps))
     return {"t": t.numpy(), "abar": loaded.schedule.alphas_cumprod[t].numpy(),
             "mse": terms.mse.cpu().numpy(), "z0_sq": terms.z0_sq.cpu().numpy(),
             "token_accuracy": terms.token_accuracy.cpu().numpy()}

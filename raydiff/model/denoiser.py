@@ -93,13 +93,6 @@ class Denoiser(nn.Module):
         """The tied output head.   (B, L, d) -> (B, L, V)"""
         return x @ self.embedding_table().t() + self.lm_bias
 
-    def non_embedding_parameters(self):
-        """Parameters of the network proper, i.e. not the table, its norm or the head bias."""
-        shared = {id(p) for p in (self.word_embedding.weight, self.lm_bias)}
-        if self.embed_norm is not None:
-            shared |= {id(p) for p in self.embed_norm.parameters()}
-        return [p for p in self.parameters() if id(p) not in shared]
-
     # ----------------------------------------------------------------- the network
 
     def forward(self, z_t: torch.Tensor, timesteps: torch.Tensor,

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from raydiff.diffusion import Batch
 from raydiff.errors import RaydiffError
 
 if TYPE_CHECKING:
     from raydiff.train.kinds import Engine
-from raydiff.train.engine import Batch
 
 
 class PlacedBatch(NamedTuple):
@@ -116,12 +116,16 @@ class BalancedBatches:
     def __init__(self, stream, engine: Engine, global_batch: int, rank: int, world_size: int, *,
                  balance: str = "equal", shares: Sequence[float] = (), rebalance_every: int = 0,
                  probe_passes: int = 3,
-                 on_rebalance: Callable[[int, list[float], list[int]], None] | None = None):
+                 on_rebalance: Callable[[int, list[float], list[int]], None] | None = None,
+                 measure: Callable[[Batch], float] | None = None):
         self.stream, self.engine = stream, engine
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
-        self.balance, self.rebalance_every, self.probe_passes = balance, rebalance_every, probe_passes
+        self.balance, self.rebalance_every = balance, rebalance_every
         self.sizes = split_batch(global_batch, list(shares) or [1.0] * world_size)
         self.on_rebalance = on_rebalance  # (step, samples/s per rank, local batch sizes)
+        # this rank's samples/s on a probe batch; tests inject fixed speeds here
+        self.measure = measure or (lambda batch: measure_samples_per_s(engine, batch,
+                                                                       probe_passes))
         self.speeds: list[float] = []  # samples/s per rank, from the latest measurement
         self._measured_at: int | None = None
 
@@ -144,7 +148,7 @@ class BalancedBatches:
 
     def _rebalance(self) -> None:
         probe = self._rows(self.sizes[self.rank])
-        speed = measure_samples_per_s(self.engine, probe, self.probe_passes)
+        speed = self.measure(probe)
         self.speeds = gather_rows([speed], self.rank, self.world_size)[:, 0].tolist()
         self.sizes = split_batch(self.global_batch, self.speeds)
         self._measured_at = self.engine.step

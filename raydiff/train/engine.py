@@ -13,13 +13,18 @@ import torch
 from torch import nn
 
 from raydiff.config import Config, OptimConfig
-from raydiff.diffusion import NoiseSchedule, diffusion_losses, make_timestep_sampler
+from raydiff.diffusion import (
+    Batch,
+    Draws,
+    LossSpec,
+    NoiseSchedule,
+    diffusion_losses,
+    make_timestep_sampler,
+)
 from raydiff.errors import RaydiffError
 from raydiff.model import Denoiser
 from raydiff.train.ema import EMA
 from raydiff.train.precision import autocast
-
-Batch = dict[str, torch.Tensor]  # {"input_ids": (B, L) int64, "attention_mask": (B, L)}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -89,6 +94,7 @@ class DiffusionEngine:
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.train_model = wrap_model(self.model) if wrap_model else self.model
         self.schedule = NoiseSchedule.named(cfg.diffusion.schedule, cfg.diffusion.num_steps)
+        self.loss_spec = LossSpec.of(cfg.diffusion)
         self.timesteps = make_timestep_sampler(cfg.diffusion.timestep_sampling,
                                                cfg.diffusion.num_steps)
         # timesteps and noise: the same seed on every worker (see `train_step`)
@@ -112,36 +118,27 @@ class DiffusionEngine:
         each uses its slice, so that with DDP's gradient averaging W workers (equal or unequal
         local batches) take exactly the step one worker takes on the global batch.
         """
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
-        local, length = input_ids.shape
+        batch = self._to_device(batch)
+        local, length = batch["input_ids"].shape
         total = global_batch or local
         t_all, weights_all = self.timesteps.sample(total, "cpu", self.generator)
-        noise_shape = (total, length, self.model.word_embedding.embedding_dim)
-        eps0 = torch.randn(noise_shape, generator=self.generator)
-        eps = torch.randn(noise_shape, generator=self.generator)
-        use_self_cond = (self.cfg.diffusion.self_condition
-                         and torch.rand((), generator=self.generator).item() < 0.5)
+        draws = Draws.sample(t_all, self._noise_shape(total, length), self.generator,
+                             self.cfg.diffusion.self_condition)
         mine = slice(offset, offset + local)
-        t, weights = t_all[mine].to(self.device), weights_all[mine].to(self.device)
+        draws, weights = draws[mine], weights_all[mine].to(self.device)
         self.train_model.train()
         with autocast(self.precision, self.device):
-            terms = diffusion_losses(
-                self.train_model, self.schedule, input_ids, attention_mask, t,
-                loss=self.cfg.diffusion.loss, noise_factor=self.cfg.diffusion.noise_factor,
-                perturb_z0=self.cfg.diffusion.perturb_z0,
-                self_condition=self.cfg.diffusion.self_condition,
-                noise=(eps0[mine], eps[mine]), use_self_cond=use_self_cond)
+            terms = diffusion_losses(self.train_model, self.schedule, batch, self.loss_spec, draws)
         loss = (terms.total * weights).mean()
         grad_norm = apply_gradients(self.model, self.optimizer, self.scaler, loss, loss_weight,
                                     self.cfg.optim.grad_clip, self.step)
-        self.timesteps.update(t, terms.total)
+        self.timesteps.update(draws.t.to(self.device), terms.total)
         lr = self.lr_schedule.get_last_lr()[0]
         self.lr_schedule.step()
         self.ema.update(self.model)
         self.step += 1
 
-        n_tokens = attention_mask.sum()
+        n_tokens = batch["attention_mask"].sum()
         return {
             "loss": loss.item(), "mse": terms.mse.mean().item(), "ce": terms.ce.mean().item(),
             "tT": terms.t_T.mean().item(), "rounding_ce": terms.rounding_ce.mean().item(),
@@ -152,19 +149,22 @@ class DiffusionEngine:
 
     def probe_loss(self, batch: Batch) -> torch.Tensor:
         """A training loss of `batch` on throwaway draws: what `train.balance` times."""
-        input_ids = batch["input_ids"].to(self.device)
-        attention_mask = batch["attention_mask"].to(self.device)
+        batch = self._to_device(batch)
         generator = torch.Generator().manual_seed(0)
-        t, weights = self.timesteps.sample(input_ids.shape[0], "cpu", generator)
+        size, length = batch["input_ids"].shape
+        t, weights = self.timesteps.sample(size, "cpu", generator)
+        draws = Draws.sample(t, self._noise_shape(size, length), generator)
         self.train_model.train()
         with autocast(self.precision, self.device):
-            terms = diffusion_losses(
-                self.train_model, self.schedule, input_ids, attention_mask, t.to(self.device),
-                loss=self.cfg.diffusion.loss, noise_factor=self.cfg.diffusion.noise_factor,
-                perturb_z0=self.cfg.diffusion.perturb_z0,
-                self_condition=self.cfg.diffusion.self_condition, generator=generator,
-                use_self_cond=False)
+            terms = diffusion_losses(self.train_model, self.schedule, batch, self.loss_spec, draws)
         return (terms.total * weights.to(self.device)).mean()
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: batch[k].to(self.device, non_blocking=True)
+                for k in ("input_ids", "attention_mask")}
+
+    def _noise_shape(self, size: int, length: int) -> tuple[int, int, int]:
+        return size, length, self.model.word_embedding.embedding_dim
 
     # ------------------------------------------------------------------ evaluation
 
@@ -184,24 +184,19 @@ class DiffusionEngine:
         sums: dict[str, float] = {}
         count = 0
         for batch in batches:
-            input_ids = batch["input_ids"].to(self.device)
-            attention_mask = batch["attention_mask"].to(self.device)
-            t = torch.randint(0, self.schedule.num_steps, (input_ids.shape[0],),
-                              generator=generator).to(self.device)
+            batch = self._to_device(batch)
+            size, length = batch["input_ids"].shape
+            t = torch.randint(0, self.schedule.num_steps, (size,), generator=generator)
             for suffix, timesteps in (("", t), ("_abar50", torch.full_like(t, t_half))):
+                draws = Draws.sample(timesteps, self._noise_shape(size, length), generator)
                 with autocast(self.precision, self.device):
-                    terms = diffusion_losses(
-                        model, self.schedule, input_ids, attention_mask, timesteps,
-                        loss=self.cfg.diffusion.loss,
-                        noise_factor=self.cfg.diffusion.noise_factor,
-                        perturb_z0=self.cfg.diffusion.perturb_z0,
-                        self_condition=False, generator=generator)
+                    terms = diffusion_losses(model, self.schedule, batch, self.loss_spec, draws)
                 names = (("total", "mse", "ce", "t_T", "token_accuracy", "z0_sq") if not suffix
                          else ("mse", "token_accuracy"))
                 for name in names:
                     key = name + suffix
                     sums[key] = sums.get(key, 0.0) + getattr(terms, name).float().sum().item()
-            count += input_ids.shape[0]
+            count += size
         model.train(was_training)
         if count == 0:
             raise RaydiffError("evaluation got no batches: is the validation split empty?")

@@ -1,12 +1,13 @@
 """Faults injected on purpose (the `debug` config section), for tests and benchmarks: a worker
-process that dies at a step, a training loss that turns NaN, a worker that computes slower.
+process that dies at a step, a training loss that turns NaN, a worker that computes slower, a
+worker that holds while a file exists.
 Nothing here runs unless a `debug.*` key asks for it."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +31,16 @@ def crash_when_due(batches: Iterator[PlacedBatch], engine: Engine, cfg: DebugCon
         yield placed
 
 
+def hold_while_file_exists(batches: Iterator[PlacedBatch], path: Path,
+                           poll_s: float = 0.2) -> Iterator[PlacedBatch]:
+    """Test hook (`debug.hold_file`): before each step, wait while `path` exists, so that a
+    test can keep chosen runs from finishing until it has acted (no clock involved)."""
+    for placed in batches:
+        while path.exists():
+            time.sleep(poll_s)
+        yield placed
+
+
 def poison_when_due(engine: Engine, step: int) -> None:
     """Test hook (`debug.nan_rank`, `debug.nan_at_step`): this worker's training forward pass
     returns NaN at that step, as a diverging run would."""
@@ -46,14 +57,16 @@ class Throttle:
     (factor - 1) x 3 x its duration (a backward costs about two forwards). The sleep happens
     before the gradients reach the all-reduce, so the other workers wait for it."""
 
-    def __init__(self, model: nn.Module, factor: float):
-        self.factor, self._start = factor, 0.0
+    def __init__(self, model: nn.Module, factor: float,
+                 clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.factor, self.clock, self.sleep, self._start = factor, clock, sleep, 0.0
         model.register_forward_pre_hook(self._before)
         model.register_forward_hook(self._after)
 
     def _before(self, module, args) -> None:
-        self._start = time.perf_counter()
+        self._start = self.clock()
 
     def _after(self, module, args, output) -> None:
         if torch.is_grad_enabled():  # training and probe passes, not validation
-            time.sleep((self.factor - 1) * 3 * (time.perf_counter() - self._start))
+            self.sleep((self.factor - 1) * 3 * (self.clock() - self._start))

@@ -14,7 +14,7 @@ import numpy as np
 import ray.train
 import torch
 
-from raydiff.train.engine import Batch
+from raydiff.diffusion import Batch
 
 
 class UnevenSplit(ray.train.DataConfig):

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from raydiff.config import Config
-from raydiff.train.engine import Batch, DiffusionEngine
+from raydiff.diffusion import Batch
+from raydiff.train.engine import DiffusionEngine
 from raydiff.train.reference import ReferenceEngine
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from raydiff.config import TrainConfig
+from raydiff.diffusion import Batch
 from raydiff.train.balance import PlacedBatch
-from raydiff.train.engine import Batch
 from raydiff.train.kinds import Engine
 
 

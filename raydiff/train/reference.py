@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from raydiff.config import Config
+from raydiff.diffusion import Batch
 from raydiff.errors import RaydiffError
 from raydiff.model.reference_lm import build_reference_lm, causal_lm_loss
-from raydiff.train.engine import Batch, apply_gradients, build_optimizer
+from raydiff.train.engine import apply_gradients, build_optimizer
 from raydiff.train.precision import autocast
 
 REFERENCE_KIND = "reference_lm"  # stored in its checkpoints' state

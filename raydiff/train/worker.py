@@ -29,7 +29,7 @@ from raydiff.train.checkpoint import (
     write_checkpoint_files,
 )
 from raydiff.train.engine import NonFiniteLossError
-from raydiff.train.faults import Throttle, crash_when_due, poison_when_due
+from raydiff.train.faults import Throttle, crash_when_due, hold_while_file_exists, poison_when_due
 from raydiff.train.kinds import ENGINES
 from raydiff.train.loop import train_loop
 from raydiff.train.precision import group_precision, resolve_precision
@@ -85,11 +85,14 @@ def worker_loop(config: dict) -> None:
         stream, engine, cfg.train.batch_size, rank, world_size, balance=cfg.ray.batch_balance,
         shares=cfg.ray.batch_shares, rebalance_every=cfg.ray.rebalance_every,
         probe_passes=cfg.ray.balance_probe_passes,
-        on_rebalance=_balance_log(run_dir) if rank == 0 else None)
+        on_rebalance=_balance_log(run_dir) if rank == 0 else None,
+        measure=(lambda batch: cfg.debug.probe_speeds[rank]) if cfg.debug.probe_speeds else None)
     if cfg.debug.nan_rank == rank and cfg.debug.nan_at_step:
         poison_when_due(engine, cfg.debug.nan_at_step)
     if cfg.debug.crash_at_step:
         train_batches = crash_when_due(train_batches, engine, cfg.debug, rank, run_dir)
+    if cfg.debug.hold_file:
+        train_batches = hold_while_file_exists(train_batches, Path(cfg.debug.hold_file))
     valid = read_split_blocks(args.data_path, "valid", cfg.data)
 
     def valid_batches():
