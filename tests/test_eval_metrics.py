@@ -14,7 +14,9 @@ from raydiff.eval.metrics import (
     bucketed,
     distinct_n,
     embedding_diagnostics,
+    is_collapsed,
     self_bleu,
+    unigram_entropy,
     unique_share,
 )
 from raydiff.model.reference_lm import perplexity
@@ -49,6 +51,21 @@ def test_embedding_diagnostics_tell_isotropic_from_collapsed():
     c = embedding_diagnostics(collapsed)
     assert c["emb_effective_rank"] == pytest.approx(1.0, abs=1e-3)
     assert c["emb_mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_collapse_rule_on_norm_ratio_and_effective_rank():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(500, 16, generator=g)
+    start = embedding_diagnostics(table)["emb_norm_mean"]
+    healthy = embedding_diagnostics(table * 0.5, start)
+    assert healthy["emb_norm_ratio"] == pytest.approx(0.5) and healthy["emb_collapsed"] == 0.0
+    shrunk = embedding_diagnostics(table * 0.05, start)  # below 10% of the norm at step 0
+    assert shrunk["emb_norm_ratio"] == pytest.approx(0.05) and shrunk["emb_collapsed"] == 1.0
+    line = (torch.rand(500, 1, generator=g) + 3.0) * torch.ones(1, 16)  # rank 1 < 1.6
+    assert embedding_diagnostics(line, start)["emb_collapsed"] == 1.0
+    assert is_collapsed(0.1, 1.6, 16) is False and is_collapsed(0.0999, 16, 16) is True
+    assert is_collapsed(1.0, 1.59, 16) is True
+    assert "emb_collapsed" not in embedding_diagnostics(table)  # no step-0 value, no verdict
 
 
 def test_bucketed_means_are_per_abar_bucket():
@@ -93,3 +110,12 @@ def test_reference_lm_overfit_gives_its_sentences_low_and_shuffled_words_high_pe
     assert real_tokens == shuffled_tokens == sum(len(s.split()) - 1 for s in SENTENCES)
     assert real_ppl < 1.5
     assert shuffled_ppl > 10 * real_ppl
+
+
+def test_unigram_entropy_by_hand():
+    # tokens 1,1,2,3 pooled over two sequences: p = (1/2, 1/4, 1/4)
+    expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))  # 1.0397 nats
+    assert unigram_entropy([[1, 1], [2, 3]]) == pytest.approx(expected)
+    assert unigram_entropy([[7, 7, 7]]) == 0.0  # one token: no uncertainty
+    assert unigram_entropy([list(range(8))]) == pytest.approx(math.log(8))
+    assert math.isnan(unigram_entropy([])) and math.isnan(unigram_entropy([[], []]))

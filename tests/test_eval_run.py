@@ -12,7 +12,8 @@ from raydiff.eval.loading import load_diffusion
 from raydiff.train.local import train_local
 
 REQUIRED = ("mse", "z0_sq_norm", "token_accuracy", "gen_ppl", "ref_ppl_real", "distinct_1",
-            "distinct_2", "distinct_3", "self_bleu", "unique_share")
+            "distinct_2", "distinct_3", "self_bleu", "unique_share", "sample_entropy",
+            "real_entropy")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,8 @@ def test_eval_reports_every_metric_on_raw_held_out_data(trained, tmp_path):
     for key in REQUIRED:
         assert isinstance(m[key], float) and math.isfinite(m[key]), key
     assert m["data"]["kind"] == "raw" and m["data"]["split"] == "test"
+    # 8 real sequences (as many as samples) spread over many words: far from 0, below log(V)
+    assert 2.0 < m["real_entropy"] < math.log(len(load_diffusion(run_dir).tokenizer))
     assert sum(b["count"] for b in m["by_abar"]) == m["data"]["examples"] > 0
     assert m["mse_over_z0_sq"] == pytest.approx(m["mse"] / m["z0_sq_norm"])
     assert 0 <= m["token_accuracy"] <= 1 and 0 <= m["self_bleu"] <= 1

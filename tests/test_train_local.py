@@ -128,3 +128,50 @@ def test_validation_reports_mse_at_abar_one_half_for_every_schedule(smoke_cfg, m
         assert len(set(uniform.tolist())) > 1
         assert out["val_mse_abar50"] > 0 and 0 <= out["val_token_accuracy_abar50"] <= 1
         assert out["val_mse_abar50"] != out["val_mse"]
+
+
+def test_collapse_is_flagged_at_the_first_evaluation_after_the_table_shrinks(smoke_cfg,
+                                                                            monkeypatch, tmp_path):
+    """The embedding table shrunk by hand to 5% at step 15 is marked collapsed at the step-20
+    evaluation, not at step 10; a healthy run of the same config never is. The trial row
+    (results.csv's columns) says so, with the step."""
+    from types import SimpleNamespace
+
+    from raydiff.tune.results import trial_rows
+
+    cfg = _short(smoke_cfg, **{"train.max_steps": 40, "train.run_name": "shrunk"})
+    real_step = engine_module.DiffusionEngine.train_step
+
+    def step_then_shrink(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        if self.step == 15:
+            with torch.no_grad():
+                self.model.word_embedding.weight.mul_(0.05)
+        return out
+
+    monkeypatch.setattr(engine_module.DiffusionEngine, "train_step", step_then_shrink)
+    shrunk = train_local(cfg)
+    monkeypatch.undo()
+    healthy = train_local(apply_overrides(cfg, {"train.run_name": "healthy"}))
+
+    def evals(run):
+        return [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text()
+                .splitlines() if "emb_collapsed" in line]
+    marks = {r["step"]: (r["emb_collapsed"], r["emb_norm_ratio"]) for r in evals(shrunk)}
+    assert sorted(marks) == [10, 20, 30, 40]
+    assert marks[10][0] == 0.0 and marks[20][0] == marks[30][0] == marks[40][0] == 1.0
+    assert marks[20][1] < 0.1 < marks[10][1]
+    assert all(r["emb_collapsed"] == 0.0 and r["emb_norm_ratio"] > 0.5 for r in evals(healthy))
+    assert all(r["emb_effective_rank"] > 1 for r in evals(healthy))
+
+    runs = tmp_path / "experiment" / "runs"
+    runs.mkdir(parents=True)
+    results = []
+    for run in (shrunk, healthy):
+        (runs / run.run_dir.name).symlink_to(run.run_dir)
+        results.append(SimpleNamespace(path=str(runs / run.run_dir.name), config={},
+                                       error=None, metrics={}))
+    rows = trial_rows(SimpleNamespace(cfg=cfg, path=tmp_path / "experiment", results=results))
+    by_name = {r["trial"]: r for r in rows}
+    assert by_name["shrunk"]["collapsed"] and by_name["shrunk"]["collapsed_at_step"] == 20
+    assert not by_name["healthy"]["collapsed"] and by_name["healthy"]["collapsed_at_step"] is None

@@ -28,7 +28,13 @@ from raydiff.data.storage import DataError, Location
 from raydiff.errors import RaydiffError
 from raydiff.eval.generate import SamplerSettings, generate
 from raydiff.eval.loading import LoadedDiffusion, load_diffusion, load_reference, same_vocabulary
-from raydiff.eval.metrics import distinct_n, embedding_diagnostics, self_bleu, unique_share
+from raydiff.eval.metrics import (
+    distinct_n,
+    embedding_diagnostics,
+    self_bleu,
+    unigram_entropy,
+    unique_share,
+)
 from raydiff.eval.scoring import score_in_process, score_with_ray, summarize_scores
 from raydiff.model.reference_lm import perplexity
 
@@ -161,6 +167,11 @@ def evaluate(checkpoint: str, source: str, options: EvalOptions | None = None,
         # the held-out blocks are already right-padded (ids, mask) batches: score them as they are
         ref_ppl, _ = perplexity(reference, chunk_batches(blocks, opts.batch_size))
 
+    # real text's entropy from as many held-out sequences as there are samples (the plug-in
+    # estimate depends on the number of tokens)
+    real = [row[mask.astype(bool)] for row, mask in
+            zip(blocks["input_ids"][:len(samples)], blocks["attention_mask"][:len(samples)],
+                strict=True)]
     summary = summarize_scores(scores)
     with torch.no_grad():
         diagnostics = embedding_diagnostics(loaded.model.embedding_table())
@@ -175,6 +186,8 @@ def evaluate(checkpoint: str, source: str, options: EvalOptions | None = None,
             loaded.schedule.num_steps), "eta": settings.eta, "clamp": settings.clamp},
         "num_samples": len(samples),
         "gen_ppl": gen_ppl, "ref_ppl_real": ref_ppl,
+        "sample_entropy": unigram_entropy([s.token_ids for s in samples]),
+        "real_entropy": unigram_entropy(real),
         "reference": str(opts.reference) if opts.reference else None,
         "distinct_1": distinct_n(words, 1), "distinct_2": distinct_n(words, 2),
         "distinct_3": distinct_n(words, 3), "self_bleu": self_bleu(words),

@@ -43,17 +43,42 @@ def self_bleu(texts: Sequence[str], max_texts: int | None = 500) -> float:
     return float(np.mean(scores)) / 100.0
 
 
+def unigram_entropy(token_lists: Sequence[Sequence[int]]) -> float:
+    """Entropy in nats of the token distribution pooled over all sequences, -sum p log p (the
+    plug-in estimate: it grows with the number of tokens, so compare sets of equal size). Low
+    values mean few distinct tokens, which a low gen-PPL can hide; NaN when there are none."""
+    counts = np.bincount(np.concatenate([np.asarray(t, np.int64) for t in token_lists])) \
+        if token_lists and any(len(t) for t in token_lists) else np.zeros(0)
+    total = counts.sum()
+    if total == 0:
+        return math.nan
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
 def unique_share(texts: Sequence[str]) -> float:
     """Share of texts that are distinct strings."""
     return len(set(texts)) / len(texts) if texts else 0.0
 
 
+# The collapse rule (docs/design.md §6): a table whose mean row norm fell below 10% of its value
+# at step 0, or whose effective rank fell below 10% of its dimension d, has collapsed
+COLLAPSE_NORM_RATIO = 0.1
+COLLAPSE_RANK_SHARE = 0.1
+
+
+def is_collapsed(norm_ratio: float, effective_rank: float, embed_dim: int) -> bool:
+    return norm_ratio < COLLAPSE_NORM_RATIO or effective_rank < COLLAPSE_RANK_SHARE * embed_dim
+
+
 @torch.no_grad()
-def embedding_diagnostics(table: torch.Tensor) -> dict[str, float]:
+def embedding_diagnostics(table: torch.Tensor,
+                          initial_norm_mean: float | None = None) -> dict[str, float]:
     """Collapse diagnostics of an embedding table E (V, d): row-norm mean and std, mean
     pairwise cosine between distinct rows, and effective rank (exp of the entropy of the
     normalised singular values, Roy & Vetterli 2007; d for an isotropic table, 1 if collapsed
-    onto a line)."""
+    onto a line). Given the mean row norm at step 0, also their ratio and the collapse rule's
+    verdict (`emb_collapsed`, 0 or 1)."""
     table = table.detach().float()
     vocab = table.shape[0]
     norms = table.norm(dim=-1)  # (V,)
@@ -64,8 +89,13 @@ def embedding_diagnostics(table: torch.Tensor) -> dict[str, float]:
     singular = torch.linalg.svdvals(table)
     p = singular / singular.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
-    return {"emb_norm_mean": norms.mean().item(), "emb_norm_std": norms.std().item(),
-            "emb_mean_cosine": mean_cos, "emb_effective_rank": math.exp(entropy)}
+    out = {"emb_norm_mean": norms.mean().item(), "emb_norm_std": norms.std().item(),
+           "emb_mean_cosine": mean_cos, "emb_effective_rank": math.exp(entropy)}
+    if initial_norm_mean is not None:
+        out["emb_norm_ratio"] = out["emb_norm_mean"] / max(initial_norm_mean, 1e-12)
+        out["emb_collapsed"] = float(is_collapsed(out["emb_norm_ratio"],
+                                                  out["emb_effective_rank"], table.shape[1]))
+    return out
 
 
 def bucketed(abar: np.ndarray, columns: dict[str, np.ndarray],

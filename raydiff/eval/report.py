@@ -44,6 +44,8 @@ def metrics_tables(m: dict) -> list[Table]:
         (f"samples ({m['sampler']['sampler']}, {m['sampler']['steps']} steps)", m["num_samples"]),
         ("gen perplexity (reference LM)", m["gen_ppl"]),
         ("real held-out perplexity (reference LM)", m["ref_ppl_real"]),
+        ("unigram entropy, samples / real (nats)",
+         f"{fmt(m['sample_entropy'])} / {fmt(m['real_entropy'])}"),
         ("distinct-1 / 2 / 3", " / ".join(fmt(m[f"distinct_{n}"]) for n in (1, 2, 3))),
         ("self-BLEU", m["self_bleu"]), ("unique share", m["unique_share"]),
         ("mean length (tokens)", m["mean_length"]),

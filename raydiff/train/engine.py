@@ -22,6 +22,7 @@ from raydiff.diffusion import (
     make_timestep_sampler,
 )
 from raydiff.errors import RaydiffError
+from raydiff.eval.metrics import embedding_diagnostics
 from raydiff.model import Denoiser
 from raydiff.train.ema import EMA
 from raydiff.train.precision import autocast
@@ -91,6 +92,8 @@ class DiffusionEngine:
             torch.manual_seed(cfg.train.seed)
             self.model = Denoiser(cfg.model, vocab_size, cfg.data.seq_len,
                                   cfg.diffusion.self_condition).to(device)
+        # the collapse diagnostics' yardstick; the same on resume (the same seeded init)
+        self.initial_emb_norm = self.model.embedding_table().detach().norm(dim=-1).mean().item()
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.train_model = wrap_model(self.model) if wrap_model else self.model
         self.schedule = NoiseSchedule.named(cfg.diffusion.schedule, cfg.diffusion.num_steps)
@@ -205,11 +208,10 @@ class DiffusionEngine:
         out["val_mse_over_z0_sq"] = out["val_mse"] / max(out["val_z0_sq"], 1e-12)
         return out | self.embedding_stats()
 
-    @torch.no_grad()
     def embedding_stats(self) -> dict[str, float]:
-        """Collapse diagnostics of the embedding table: row-norm mean and std."""
-        norms = self.model.embedding_table().float().norm(dim=-1)
-        return {"emb_norm_mean": norms.mean().item(), "emb_norm_std": norms.std().item()}
+        """Collapse diagnostics of the (trained, not EMA) embedding table against its state at
+        step 0: norms, their ratio, mean pairwise cosine, effective rank, the rule's verdict."""
+        return embedding_diagnostics(self.model.embedding_table(), self.initial_emb_norm)
 
     # ------------------------------------------------------------------ state
 

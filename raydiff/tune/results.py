@@ -56,10 +56,15 @@ def trial_rows(experiment) -> list[dict]:
             "val_mse_abar50": best.get("val_mse_abar50", math.nan),
             "val_token_accuracy_abar50": best.get("val_token_accuracy_abar50", math.nan),
             "emb_norm_mean": last.get("emb_norm_mean", math.nan),
+            "emb_norm_ratio": last.get("emb_norm_ratio", math.nan),
+            "emb_effective_rank": last.get("emb_effective_rank", math.nan),
+            # the collapse rule (eval.metrics.is_collapsed) at any evaluation, and the first
+            "collapsed_at_step": _first_step(reports, "emb_collapsed", lambda v: v >= 1),
             "starts": _count_lines(run_dir / "starts.log"),
             f"steps_to_accuracy_{t.accuracy_threshold:g}": _first_step(
                 evals, "val_token_accuracy", lambda v: v >= t.accuracy_threshold),
         }
+        row["collapsed"] = row["collapsed_at_step"] is not None
         if t.metric_threshold is not None:
             reached = ((lambda v: v <= t.metric_threshold) if t.mode == "min"
                        else (lambda v: v >= t.metric_threshold))
@@ -188,7 +193,8 @@ def trials_table(rows: list[dict], metric: str) -> Table:
         ("iterations", "reports"), ("steps", "steps"), ("stopped_early", "stopped early"),
         (f"best_{metric}", f"best {metric}"), ("val_mse_over_z0_sq", "mse / z0^2"),
         ("val_token_accuracy", "token acc"), ("val_mse_abar50", "mse @abar.5"),
-        ("val_token_accuracy_abar50", "acc @abar.5")] + [(k, k.replace("_", " "))
+        ("val_token_accuracy_abar50", "acc @abar.5"), ("emb_norm_ratio", "norm / norm0"),
+        ("collapsed_at_step", "collapsed at")] + [(k, k.replace("_", " "))
                                                           for k in thresholds]
     table.add_column("#")
     for _, title in columns:
