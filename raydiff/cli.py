@@ -143,13 +143,16 @@ def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sampler", choices=("ddpm", "ddim"))
     group.add_argument("--steps", type=int, help="DDIM steps (DDPM always takes all T)")
     group.add_argument("--eta", type=float, help="DDIM eta in [0, 1]")
+    group.add_argument("--precision", choices=("float32", "float64"),
+                       help="of the model and the sampler's state (default float32)")
     group.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
                        help="clamp x0hat to the nearest embedding at every step")
     group.add_argument("--no-ema", action="store_true", help="use the raw, not the EMA, weights")
 
 
 def _sampler_overrides(args: argparse.Namespace) -> dict:
-    return {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "clamp": args.clamp}
+    return {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "clamp": args.clamp,
+            "precision": args.precision}
 
 
 def cmd_sample(args: argparse.Namespace, console: Console) -> int:

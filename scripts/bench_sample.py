@@ -30,15 +30,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_pair(out: Path, steps: int) -> tuple[Path, Path]:
-    """The smoke model at T = 2000 (the paper's T) and a reference LM, on the synthetic corpus."""
+    """The smoke model at T = 2000 (the paper's T), `steps` steps, and a reference LM (half as
+    many), on the synthetic corpus."""
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [
         f"train.output_dir={out}", f"train.max_steps={steps}", f"optim.anneal_steps={steps}",
         "diffusion.num_steps=2000", "train.eval_every=500", "train.checkpoint_every=500",
         "train.log_every=100", "data.synthetic_size=2000", "train.num_threads=2"])
     diffusion = train_local(cfg)
     reference = train_local(load_config(ROOT / "configs" / "smoke.yaml", [
-        f"train.output_dir={out}", "train.run_name=smoke-reference", "train.max_steps=1000",
-        "optim.anneal_steps=1000", "train.eval_every=500", "train.checkpoint_every=1000",
+        f"train.output_dir={out}", "train.run_name=smoke-reference",
+        f"train.max_steps={max(1, steps // 2)}", f"optim.anneal_steps={max(1, steps // 2)}",
+        "train.eval_every=500", "train.checkpoint_every=1000",
         "data.synthetic_size=2000", "reference.hidden_size=128", "reference.num_layers=2",
         "train.num_threads=2"]), kind="reference")
     return diffusion.run_dir, reference.run_dir
@@ -53,6 +55,11 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the denoiser samples (cuda)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[200, 100, 50, 20],
+                        help="DDIM step counts beside DDPM's T")
+    parser.add_argument("--precisions", nargs="+", default=["float32"],
+                        choices=["float32", "float64"], help="sample in each (same noise)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -60,34 +67,37 @@ def main() -> None:
         checkpoint, reference_path = args.checkpoint, args.reference
         if checkpoint is None or reference_path is None:
             checkpoint, reference_path = train_pair(Path(tmp), args.train_steps)
-        loaded = load_diffusion(checkpoint)
+        loaded = load_diffusion(checkpoint, device=args.device)
         reference, _, _ = load_reference(reference_path)
         num_steps = loaded.schedule.num_steps
-        runs = [("ddpm", num_steps)] + [("ddim", k) for k in (200, 100, 50, 20) if k < num_steps]
+        runs = [(p, "ddpm", num_steps) for p in args.precisions] + [
+            (p, "ddim", k) for k in args.steps if k < num_steps for p in args.precisions]
         results = []
-        for sampler, steps in runs:
+        for precision, sampler, steps in runs:
             settings = SamplerSettings.of(loaded.cfg.diffusion, sampler=sampler, steps=steps,
-                                          eta=0.0, clamp=True)
-            generate(loaded, 2, settings, seed=args.seed)  # warm-up
+                                          eta=0.0, clamp=True, precision=precision)
+            generate(loaded, 2, settings, seed=args.seed, device=args.device)  # warm-up
             started = time.perf_counter()
             samples = generate(loaded, args.num_samples, settings, seed=args.seed,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, device=args.device)
             seconds = time.perf_counter() - started
             ppl, _ = reference_perplexity(reference, [s.token_ids for s in samples],
                                            loaded.cfg.data.seq_len, 256)
             words = [s.words for s in samples]
             results.append({
-                "sampler": sampler, "steps": steps, "seconds": round(seconds, 3),
+                "sampler": sampler, "steps": steps, "precision": precision,
+                "seconds": round(seconds, 3),
                 "samples_per_s": round(args.num_samples / seconds, 2), "gen_ppl": round(ppl, 3),
                 "distinct_2": round(distinct_n(words, 2), 4),
                 "self_bleu": round(self_bleu(words), 4)})
         blocks, _ = held_out_blocks(loaded.cfg.data.source, loaded, split="test")
         real_ppl, _ = perplexity(reference, chunk_batches(blocks, 256))
         ddpm = results[0]
-        ddim50 = next((r for r in results if r["sampler"] == "ddim" and r["steps"] == 50), None)
+        ddim50 = next((r for r in results if r["sampler"] == "ddim" and r["steps"] == 50
+                       and r["precision"] == ddpm["precision"]), None)
         summary = {"checkpoint": str(checkpoint), "T": num_steps, "model": vars(loaded.cfg.model),
                    "num_samples": args.num_samples, "threads": args.threads,
-                   "device": "cpu", "runs": results,
+                   "device": args.device, "runs": results,
                    "real_held_out_ppl": round(real_ppl, 3)}
         if ddim50:
             speedup = ddim50["samples_per_s"] / ddpm["samples_per_s"]

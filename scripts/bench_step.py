@@ -1,13 +1,21 @@
 #!/usr/bin/env python
 """Training throughput of one process, printed as JSON.
 
-For each config (default: smoke and reuters) and precision (fp32, bf16 autocast) it times
-optimizer steps on full random batches and reports tokens/s, the model FLOPs of one step
-(counted by torch.utils.flop_counter), and the MFU against this machine's measured matmul
-FLOP/s in the same dtype. bf16 training is skipped where the device has no native bf16 (it would
-run hundreds of times slower than fp32); --force-bf16 runs it anyway.
+For each config (default: the smoke and ablation-small sizes and the paper's reuters size) and
+precision it times optimizer steps on full random batches and reports tokens/s, the model FLOPs
+of one step (counted by torch.utils.flop_counter) and the MFU against this device's measured
+matmul FLOP/s in that dtype. bf16 is skipped where the device has no native bf16 (it would run
+hundreds of times slower than fp32); --force-bf16 runs it anyway.
 
-    python scripts/bench_step.py [--configs smoke reuters] [--steps 5] [--warmup 2]
+    python scripts/bench_step.py [--configs smoke tune/ablation-small reuters] [--steps 5]
+    python scripts/bench_step.py --anchor ../shared/anchors/minimal-text-diffusion --rounds 3
+    python scripts/bench_step.py --configs smoke tune/ablation-small --compile default
+
+--anchor times the reference code base's own training step (minimal-text-diffusion, through
+../shared/tools/mtd_bench.py in a subprocess, so none of its code lives here) and raydiff's at
+the same model, batch and device, alternating round by round, and prints both and their ratio.
+--compile adds, for each config, the same step with `train.compile=<mode>` (timed after its
+compilation, whose seconds are reported), measured beside the eager step in the same run.
 """
 
 from __future__ import annotations
@@ -15,17 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from raydiff.config import load_config
+from raydiff.config import Config, apply_overrides, load_config
 from raydiff.train.engine import DiffusionEngine
 from raydiff.train.precision import native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
+MTD_BENCH = ROOT.parent / "shared" / "tools" / "mtd_bench.py"
 
 
 def matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 2.0):
@@ -41,46 +53,115 @@ def matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, second
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def bench_config(name: str, precision: str, device: torch.device, steps: int, warmup: int,
-                 vocab_size: int | None) -> dict:
-    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
-    vocab = vocab_size or cfg.data.vocab_size
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_config(cfg: Config, name: str, precision: str, device: torch.device, steps: int,
+                 warmup: int) -> dict:
+    """Median step time of `steps` optimizer steps after `warmup` (and, compiled, after the
+    first step, which compiles)."""
+    vocab = cfg.data.vocab_size
     B, L = cfg.train.batch_size, cfg.data.seq_len
     engine = DiffusionEngine(cfg, vocab, device, precision=precision)
     gen = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(2, vocab, (B, L), generator=gen),
              "attention_mask": torch.ones(B, L, dtype=torch.long)}
-    with FlopCounterMode(display=False) as counter:
-        engine.train_step(batch)
-    step_flops = counter.get_total_flops()
+    start = time.perf_counter()
+    engine.train_step(batch)
+    _sync(device)
+    first_step_s = time.perf_counter() - start
+    step_flops = None
+    if cfg.train.compile == "off":
+        with FlopCounterMode(display=False) as counter:
+            engine.train_step(batch)
+        step_flops = counter.get_total_flops()
     for _ in range(warmup):
         engine.train_step(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
         engine.train_step(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
     return {
-        "config": name, "precision": precision, "batch": B, "seq_len": L, "vocab": vocab,
+        "config": name, "precision": precision, "compile": cfg.train.compile, "batch": B,
+        "seq_len": L, "vocab": vocab, "hidden": cfg.model.hidden_size,
+        "layers": cfg.model.num_layers, "embed_dim": cfg.model.embed_dim,
         "params": sum(p.numel() for p in engine.model.parameters()),
-        "step_s": elapsed / steps, "tokens_per_s": B * L * steps / elapsed,
-        "flops_per_step": step_flops, "achieved_flops": step_flops * steps / elapsed,
+        "first_step_s": first_step_s, "step_s": step_s, "tokens_per_s": B * L / step_s,
+        "flops_per_step": step_flops,
+        "achieved_flops": step_flops / step_s if step_flops else None,
     }
+
+
+def mtd_step(anchor: Path, cfg: Config, device: torch.device, steps: int, warmup: int) -> dict:
+    """The reference code base's step at `cfg`'s shape, in a subprocess (its own model, loss
+    and AdamW; its time embedding and head differ in detail, the matmul shapes do not)."""
+    m = cfg.model
+    cmd = [sys.executable, str(MTD_BENCH), str(anchor), "--steps", str(steps),
+           "--warmup", str(warmup), "--batch", str(cfg.train.batch_size),
+           "--seq", str(cfg.data.seq_len), "--layers", str(m.num_layers),
+           "--hidden", str(m.hidden_size), "--vocab", str(cfg.data.vocab_size),
+           "--emb", str(m.embed_dim), "--threads", str(torch.get_num_threads()),
+           "--device", str(device)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"{MTD_BENCH} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(anchor: Path, configs: list[str], device: torch.device, rounds: int,
+                 steps: int, warmup: int) -> list[dict]:
+    """MTD then raydiff, `rounds` times per config; medians over rounds and their ratio."""
+    rows = []
+    for name in configs:
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        h = cfg.model.hidden_size
+        # MTD's encoder: heads of 64, a 4x feed-forward, dropout 0.1; ours takes the same
+        cfg = apply_overrides(cfg, {"model.num_heads": max(1, h // 64),
+                                    "model.intermediate_size": 4 * h, "model.dropout": 0.1})
+        theirs, ours = [], []
+        for _ in range(rounds):
+            theirs.append(mtd_step(anchor, cfg, device, steps, warmup)["tokens_per_s"])
+            ours.append(bench_config(cfg, name, "fp32", device, steps, warmup)["tokens_per_s"])
+        rows.append({"config": name, "device": str(device), "rounds": rounds,
+                     "mtd_tokens_per_s": theirs, "raydiff_tokens_per_s": ours,
+                     "mtd_median": statistics.median(theirs),
+                     "raydiff_median": statistics.median(ours),
+                     "ratio": statistics.median(ours) / statistics.median(theirs)})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["smoke", "reuters"])
+    parser.add_argument("--configs", nargs="+", default=["smoke", "tune/ablation-small", "reuters"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--force-bf16", action="store_true")
+    parser.add_argument("--compile", default=None, help="also time train.compile=<mode>")
+    parser.add_argument("--anchor", type=Path, default=None,
+                        help="minimal-text-diffusion checkout: time its step beside ours")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    header = {"device": str(device), "machine": platform.processor() or platform.machine(),
+              "cuda_device": torch.cuda.get_device_name() if device.type == "cuda" else None,
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+    if args.anchor is not None:
+        rows = side_by_side(args.anchor.resolve(), args.configs, device, args.rounds,
+                            args.steps, args.warmup)
+        print(json.dumps(header | {"side_by_side": rows}, indent=2))
+        return
 
     peak = {"fp32": matmul_flops(torch.float32, device), "bf16": None}
     bf16_native = native_bf16(device)
@@ -89,21 +170,22 @@ def main() -> None:
                                     seconds=1.0)
     results = []
     for name in args.configs:
+        base = load_config(ROOT / "configs" / f"{name}.yaml")
         for precision in args.precisions:
             if precision == "bf16" and not (bf16_native or args.force_bf16):
                 results.append({"config": name, "precision": "bf16", "skipped":
                                 "no native bf16 on this device (see matmul_flops.bf16)"})
                 continue
-            r = bench_config(name, precision, device, args.steps, args.warmup,
-                             None if name != "smoke" else None)
-            r["mfu"] = r["achieved_flops"] / peak[precision] if peak[precision] else None
-            results.append(r)
-    print(json.dumps({
-        "device": str(device), "machine": platform.processor() or platform.machine(),
-        "cuda_device": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "native_bf16": bf16_native, "matmul_flops": peak, "results": results,
-    }, indent=2))
+            modes = ["off"] + ([args.compile] if args.compile else [])
+            timed = [bench_config(apply_overrides(base, {"train.compile": mode}), name,
+                                  precision, device, args.steps, args.warmup) for mode in modes]
+            for r in timed:
+                flops = r["achieved_flops"] or (timed[0]["flops_per_step"] / r["step_s"])
+                r["mfu"] = flops / peak[precision] if peak[precision] else None
+                r["speedup_vs_eager"] = timed[0]["step_s"] / r["step_s"]
+            results.extend(timed)
+    print(json.dumps(header | {"native_bf16": bf16_native, "matmul_flops": peak,
+                               "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -53,19 +53,25 @@ def test_embedding_diagnostics_tell_isotropic_from_collapsed():
     assert c["emb_mean_cosine"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_collapse_rule_on_norm_ratio_and_effective_rank():
+def test_collapse_rule_on_the_token_weighted_scale_and_effective_rank():
     g = torch.Generator().manual_seed(0)
     table = torch.randn(500, 16, generator=g)
-    start = embedding_diagnostics(table)["emb_norm_mean"]
-    healthy = embedding_diagnostics(table * 0.5, start)
+    counts = torch.zeros(500, dtype=torch.long)
+    counts[:10] = 100  # ten frequent tokens carry the data
+    healthy = embedding_diagnostics(table * 0.5, table, counts)
     assert healthy["emb_norm_ratio"] == pytest.approx(0.5) and healthy["emb_collapsed"] == 0.0
-    shrunk = embedding_diagnostics(table * 0.05, start)  # below 10% of the norm at step 0
-    assert shrunk["emb_norm_ratio"] == pytest.approx(0.05) and shrunk["emb_collapsed"] == 1.0
+    assert healthy["emb_scale_ratio"] == pytest.approx(0.5)
+    # only the frequent rows shrink: the plain mean hardly moves, the data's scale does
+    frequent_shrunk = table.clone()
+    frequent_shrunk[:10] *= 0.05
+    d = embedding_diagnostics(frequent_shrunk, table, counts)
+    assert d["emb_norm_ratio"] > 0.9 and d["emb_scale_ratio"] == pytest.approx(0.05)
+    assert d["emb_collapsed"] == 1.0
     line = (torch.rand(500, 1, generator=g) + 3.0) * torch.ones(1, 16)  # rank 1 < 1.6
-    assert embedding_diagnostics(line, start)["emb_collapsed"] == 1.0
+    assert embedding_diagnostics(line, table, counts)["emb_collapsed"] == 1.0
     assert is_collapsed(0.1, 1.6, 16) is False and is_collapsed(0.0999, 16, 16) is True
     assert is_collapsed(1.0, 1.59, 16) is True
-    assert "emb_collapsed" not in embedding_diagnostics(table)  # no step-0 value, no verdict
+    assert "emb_collapsed" not in embedding_diagnostics(table)  # no step-0 table, no verdict
 
 
 def test_bucketed_means_are_per_abar_bucket():

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -97,3 +98,19 @@ def test_self_conditioning_feeds_previous_prediction():
                      generator=torch.Generator().manual_seed(0))
     assert with_sc.tokens.shape == (2, 8)
     assert not torch.allclose(with_sc.x0, without.x0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_float64_sampling_keeps_its_state_in_float64_and_agrees_with_float32(sampler):
+    model = tiny_denoiser().eval()
+    s = NoiseSchedule.named("pw_lin", 100)
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        runs[dtype] = sample(copy.deepcopy(model).to(dtype), s, (4, 8, 8), sampler=sampler,
+                             sample_steps=20, clamp=False,
+                             generator=torch.Generator().manual_seed(0))
+    assert runs[torch.float32].x0.dtype == torch.float32
+    assert runs[torch.float64].x0.dtype == torch.float64
+    # the same noise and weights: the two precisions differ by float32 rounding only
+    torch.testing.assert_close(runs[torch.float32].x0.double(), runs[torch.float64].x0,
+                               rtol=1e-3, atol=1e-4)

@@ -157,11 +157,11 @@ def test_collapse_is_flagged_at_the_first_evaluation_after_the_table_shrinks(smo
     def evals(run):
         return [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text()
                 .splitlines() if "emb_collapsed" in line]
-    marks = {r["step"]: (r["emb_collapsed"], r["emb_norm_ratio"]) for r in evals(shrunk)}
+    marks = {r["step"]: (r["emb_collapsed"], r["emb_scale_ratio"]) for r in evals(shrunk)}
     assert sorted(marks) == [10, 20, 30, 40]
     assert marks[10][0] == 0.0 and marks[20][0] == marks[30][0] == marks[40][0] == 1.0
     assert marks[20][1] < 0.1 < marks[10][1]
-    assert all(r["emb_collapsed"] == 0.0 and r["emb_norm_ratio"] > 0.5 for r in evals(healthy))
+    assert all(r["emb_collapsed"] == 0.0 and r["emb_scale_ratio"] > 0.5 for r in evals(healthy))
     assert all(r["emb_effective_rank"] > 1 for r in evals(healthy))
 
     runs = tmp_path / "experiment" / "runs"
@@ -175,3 +175,42 @@ def test_collapse_is_flagged_at_the_first_evaluation_after_the_table_shrinks(smo
     by_name = {r["trial"]: r for r in rows}
     assert by_name["shrunk"]["collapsed"] and by_name["shrunk"]["collapsed_at_step"] == 20
     assert not by_name["healthy"]["collapsed"] and by_name["healthy"]["collapsed_at_step"] is None
+
+
+def test_step_metrics_stay_on_the_device_until_the_report(smoke_cfg):
+    from raydiff.train.loop import host_values
+
+    engine = engine_module.DiffusionEngine(smoke_cfg, 50, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(2, 50, (8, 16), generator=g),
+             "attention_mask": torch.ones(8, 16, dtype=torch.long)}
+    out = engine.train_step(batch)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad
+               for k, v in out.items() if k != "lr")
+    host = host_values(out | {"local_batch": 8})
+    assert all(type(v) is float for v in host.values())
+    assert host["tokens"] == 128.0 and host["loss"] == out["loss"].item()
+    assert host["local_batch"] == 8.0 and host["lr"] == out["lr"]
+
+
+@pytest.mark.ray  # compiles for a minute on 2 cores
+def test_compiled_step_gives_the_plain_steps_losses_and_gradients(smoke_cfg):
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(2, 50, (8, 16), generator=g),
+             "attention_mask": torch.ones(8, 16, dtype=torch.long)}
+    plain = engine_module.DiffusionEngine(smoke_cfg, 50, torch.device("cpu"))
+    fast = engine_module.DiffusionEngine(apply_overrides(smoke_cfg, {"train.compile": "default"}),
+                                         50, torch.device("cpu"))
+    assert fast.train_model is not fast.model  # the compiled wrapper, over the same weights
+    for engine in (plain, fast):
+        engine.probe_loss(batch).backward()
+    for (name, a), b in zip(plain.model.named_parameters(), fast.model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+        a.grad = b.grad = None
+    for _ in range(3):
+        x, y = plain.train_step(batch), fast.train_step(batch)
+        for key in ("loss", "mse", "anchor_ce", "rounding_ce", "grad_norm"):
+            torch.testing.assert_close(y[key], x[key], rtol=1e-4, atol=1e-6, msg=key)
+    for name, value in plain.model.state_dict().items():
+        torch.testing.assert_close(fast.model.state_dict()[name], value, rtol=1e-4, atol=1e-5,
+                                   msg=name)

@@ -44,6 +44,11 @@ def test_asha_sweep_stops_trials_early_and_reports_every_trial(ray_session, tmp_
     assert all(r["status"] == "done" and float(r["best_val_mse"]) > 0 for r in rows)
     # the figure, the best checkpoint and the per-noise-level yardsticks exist
     assert summary["plot"].stat().st_size > 10_000
+    for name in ("scale", "rank"):  # the collapse diagnostics' figures
+        assert (experiment.path / f"collapse-{name}.png").stat().st_size > 10_000
+    # a tiny run moves its embeddings, but nowhere near the collapse rule
+    assert all(r["collapsed"] == "False" and r["collapsed_at_step"] == "" for r in rows)
+    assert all(0.5 < float(r["emb_scale_ratio"]) < 2 for r in rows)
     assert (summary["best_checkpoint"] / "state.pt").exists()
     assert summary["yardsticks"] and all(
         sum(b["count"] for b in buckets) > 0 for buckets in summary["yardsticks"].values())

@@ -3,7 +3,7 @@
 import pytest
 
 from raydiff.config import ConfigError, load_config
-from raydiff.tune.space import param_space, validate_search_space
+from raydiff.tune.space import param_space, trial_count, validate_search_space
 from tests.conftest import ROOT
 
 
@@ -63,3 +63,16 @@ def test_shipped_ablation_is_the_twelve_trial_grid():
     assert space["diffusion.schedule"] == ("grid", ["linear", "cosine", "sqrt", "trunc_cos",
                                                     "trunc_lin", "pw_lin"])
     assert space["diffusion.loss"] == ("grid", ["rounding", "anchor"])
+
+
+def test_shipped_collapse_study_loads_and_compares_arms_at_equal_steps():
+    cfg = load_config(ROOT / "configs" / "tune" / "collapse.yaml")
+    space = validate_search_space(cfg.tune.search_space, cfg)
+    assert space["diffusion.loss"] == ("grid", ["none", "rounding", "anchor"])
+    assert space["model.embed_norm"] == ("grid", ["none", "before_proj"])
+    kind, inits = space["model.embed_init_std"]
+    assert kind == "grid" and len(inits) >= 2 and min(inits) < 1.0
+    assert trial_count(cfg.tune.search_space, cfg, cfg.tune.num_samples) == 12
+    # one step budget for every arm: no early stopping of any kind
+    assert cfg.tune.scheduler == "fifo" and cfg.train.patience == 0
+    assert cfg.data.source.endswith("reuters21578.jsonl.gz")

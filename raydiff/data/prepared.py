@@ -70,7 +70,7 @@ def training_datasets(path: str, cfg: DataConfig | None = None, splits=("train",
     """Ray Datasets of a prepared output, for `ray.train.get_dataset_shard`, in blocks of
     `rows_per_block` rows: many small blocks let workers that consume at different speeds
     (streaming_split(equal=False)) all get data and keep the tail dropped at an epoch's end
-    small. Shuffle per epoch with `shuffled(ds, seed, epoch)`."""
+    small. Workers reshuffle their stream per epoch (`train.ingest.RowStream`)."""
     import ray.data
 
     location, manifest = open_prepared(path, cfg)
@@ -84,36 +84,3 @@ def training_datasets(path: str, cfg: DataConfig | None = None, splits=("train",
             filesystem=location.arrow_filesystem(),
         ).repartition(target_num_rows_per_block=rows_per_block)
     return out
-
-
-def shuffled(dataset, seed: int, epoch: int):
-    """A seeded per-epoch reshuffle: rows sorted by a hash of (row_id, seed, epoch), so the same
-    (seed, epoch) gives exactly the same order whatever the block layout (Ray's seeded
-    random_shuffle does not), and every epoch a different one."""
-    salt = np.uint64((seed * 1_000_003 + epoch) & 0xFFFFFFFFFFFFFFFF)
-
-    def add_key(batch: dict) -> dict:
-        batch["shuffle_key"] = _mix64(np.asarray(batch["row_id"]).astype(np.uint64) ^ salt)
-        return batch
-
-    from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
-
-    # the task-based sort shuffle: the default hash shuffle starts aggregator actors, which
-    # cost tens of seconds per epoch on a small machine
-    context = DataContext.get_current()
-    previous = context.shuffle_strategy
-    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    try:
-        return (dataset.map_batches(add_key, batch_format="numpy").sort("shuffle_key")
-                .drop_columns(["shuffle_key"]))
-    finally:
-        context.shuffle_strategy = previous
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijective, well-mixed hash of uint64s."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return (x ^ (x >> np.uint64(31))).astype(np.int64)

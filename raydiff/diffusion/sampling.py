@@ -31,8 +31,9 @@ def respaced_timesteps(num_steps: int, sample_steps: int) -> list[int]:
 
 def nearest_embedding(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Replace each vector by its nearest (L2) row of the table.   (B, L, d), (V, d) -> (B, L, d)"""
-    flat = x.reshape(-1, x.shape[-1]).float()  # (N, d)
-    table = table.float()
+    work = torch.promote_types(torch.promote_types(x.dtype, table.dtype), torch.float32)
+    flat = x.reshape(-1, x.shape[-1]).to(work)  # (N, d), in float32 at least
+    table = table.to(work)
     dist = table.pow(2).sum(-1)[None, :] - 2 * flat @ table.t()  # ||x - e||^2 - ||x||^2: (N, V)
     return table[dist.argmin(dim=-1)].reshape(x.shape).to(x.dtype)
 
@@ -81,7 +82,8 @@ def sample(
     """Generate `shape` = (B, L, d) from pure noise with a `Denoiser`.
 
     Noise is drawn on the CPU from `generator` in a fixed order (z_T, then one draw per step
-    except the last), so two samplers given equal generators see the same noise.
+    except the last), so two samplers given equal generators see the same noise. The state
+    z_t is kept in the dtype of the model's weights (float64 for a `.double()` model).
     """
     if sampler == "ddpm":
         timesteps = list(range(schedule.num_steps - 1, -1, -1))
@@ -91,15 +93,17 @@ def sample(
     else:
         raise ValueError(f"unknown sampler {sampler!r}; valid: ddpm, ddim")
 
-    def randn() -> torch.Tensor:
-        return torch.randn(shape, generator=generator).to(device)
-
     abar = schedule.alphas_cumprod
     table = model.embedding_table()
+    dtype = table.dtype
+
+    def randn() -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(device, dtype)
+
     z = noise_factor * randn()  # z_T ~ N(0, F^2 I)
     x0_hat = torch.zeros_like(z)
     for i, t in enumerate(timesteps):
-        model_t = schedule.model_time(torch.full((shape[0],), t, device=device))
+        model_t = schedule.model_time(torch.full((shape[0],), t, device=device)).to(dtype)
         x0_hat = model(z, model_t, attention_mask, x0_hat if self_condition else None)
         if clamp:
             x0_hat = nearest_embedding(x0_hat, table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections.abc import Callable
@@ -29,6 +30,7 @@ class SamplerSettings:
     steps: int  # ddim: sub-sequence length; ddpm always visits all T
     eta: float
     clamp: bool
+    precision: Literal["float32", "float64"] = "float32"  # of the model and the sampler's state
 
     @classmethod
     def of(cls, cfg: DiffusionConfig, **overrides) -> SamplerSettings:
@@ -40,6 +42,9 @@ class SamplerSettings:
             raise RaydiffError(f"--sampler must be ddpm or ddim, got {values['sampler']!r}")
         if not 0.0 <= values["eta"] <= 1.0:
             raise RaydiffError(f"--eta must be in [0, 1], got {values['eta']}")
+        if values.get("precision", "float32") not in ("float32", "float64"):
+            raise RaydiffError(f"--precision must be float32 or float64, got "
+                               f"{values['precision']!r}")
         if values["steps"] < 1:
             raise RaydiffError(f"--steps must be >= 1, got {values['steps']}")
         asked = overrides.get("steps")
@@ -71,11 +76,14 @@ def generate(loaded: LoadedDiffusion, num_samples: int, settings: SamplerSetting
     if num_samples < 1:
         raise RaydiffError(f"--num-samples must be >= 1, got {num_samples}")
     cfg, tokenizer = loaded.cfg, loaded.tokenizer
+    model = loaded.model
+    if settings.precision == "float64":  # a copy: scoring keeps the float32 weights
+        model = copy.deepcopy(model).to(torch.float64)
     generator = torch.Generator().manual_seed(seed)
     samples: list[GeneratedSample] = []
     while len(samples) < num_samples:
         size = min(batch_size, num_samples - len(samples))
-        out = sample(loaded.model, loaded.schedule,
+        out = sample(model, loaded.schedule,
                      (size, cfg.data.seq_len, cfg.model.embed_dim),
                      sampler=settings.sampler, sample_steps=settings.steps, eta=settings.eta,
                      clamp=settings.clamp, noise_factor=cfg.diffusion.noise_factor,

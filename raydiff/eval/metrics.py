@@ -61,24 +61,29 @@ def unique_share(texts: Sequence[str]) -> float:
     return len(set(texts)) / len(texts) if texts else 0.0
 
 
-# The collapse rule (docs/design.md §6): a table whose mean row norm fell below 10% of its value
-# at step 0, or whose effective rank fell below 10% of its dimension d, has collapsed
-COLLAPSE_NORM_RATIO = 0.1
+# The collapse rule (docs/design.md §6): a table whose rows, as the data uses them, shrank below
+# 10% of their scale at step 0, or whose effective rank fell below 10% of its dimension d
+COLLAPSE_SCALE_RATIO = 0.1
 COLLAPSE_RANK_SHARE = 0.1
 
 
-def is_collapsed(norm_ratio: float, effective_rank: float, embed_dim: int) -> bool:
-    return norm_ratio < COLLAPSE_NORM_RATIO or effective_rank < COLLAPSE_RANK_SHARE * embed_dim
+def is_collapsed(scale_ratio: float, effective_rank: float, embed_dim: int) -> bool:
+    return scale_ratio < COLLAPSE_SCALE_RATIO or effective_rank < COLLAPSE_RANK_SHARE * embed_dim
 
 
 @torch.no_grad()
-def embedding_diagnostics(table: torch.Tensor,
-                          initial_norm_mean: float | None = None) -> dict[str, float]:
+def embedding_diagnostics(table: torch.Tensor, initial: torch.Tensor | None = None,
+                          token_counts: torch.Tensor | None = None) -> dict[str, float]:
     """Collapse diagnostics of an embedding table E (V, d): row-norm mean and std, mean
     pairwise cosine between distinct rows, and effective rank (exp of the entropy of the
     normalised singular values, Roy & Vetterli 2007; d for an isotropic table, 1 if collapsed
-    onto a line). Given the mean row norm at step 0, also their ratio and the collapse rule's
-    verdict (`emb_collapsed`, 0 or 1)."""
+    onto a line).
+
+    Given the table at step 0 (`initial`), also the ratio of the mean row norms
+    (`emb_norm_ratio`) and, given how often each token occurs (`token_counts`, (V,)), the
+    ratio of the token-weighted RMS row norms (`emb_scale_ratio`: the scale of z0 as the data
+    sees it; the plain mean is dominated by rare rows, which barely move) and the collapse
+    rule's verdict on it (`emb_collapsed`, 0 or 1)."""
     table = table.detach().float()
     vocab = table.shape[0]
     norms = table.norm(dim=-1)  # (V,)
@@ -91,10 +96,15 @@ def embedding_diagnostics(table: torch.Tensor,
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     out = {"emb_norm_mean": norms.mean().item(), "emb_norm_std": norms.std().item(),
            "emb_mean_cosine": mean_cos, "emb_effective_rank": math.exp(entropy)}
-    if initial_norm_mean is not None:
-        out["emb_norm_ratio"] = out["emb_norm_mean"] / max(initial_norm_mean, 1e-12)
-        out["emb_collapsed"] = float(is_collapsed(out["emb_norm_ratio"],
-                                                  out["emb_effective_rank"], table.shape[1]))
+    if initial is not None:
+        initial_norms = initial.detach().to(table.device, torch.float32).norm(dim=-1)
+        out["emb_norm_ratio"] = out["emb_norm_mean"] / max(initial_norms.mean().item(), 1e-12)
+        if token_counts is not None and token_counts.sum() > 0:
+            w = token_counts.to(table.device, torch.float32)
+            now, then = (w * norms.pow(2)).sum(), (w * initial_norms.pow(2)).sum()
+            out["emb_scale_ratio"] = (now / then.clamp(min=1e-24)).sqrt().item()
+            out["emb_collapsed"] = float(is_collapsed(out["emb_scale_ratio"],
+                                                      out["emb_effective_rank"], table.shape[1]))
     return out
 
 

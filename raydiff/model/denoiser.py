@@ -109,7 +109,8 @@ class Denoiser(nn.Module):
             if self_cond is None:
                 self_cond = torch.zeros_like(z_t)
             z_t = torch.cat([z_t, self_cond], dim=-1)  # (B, L, 2d)
-        time = self.time_embed(timestep_embedding(timesteps, self.time_embed_dim))  # (B, H)
+        sinusoid = timestep_embedding(timesteps, self.time_embed_dim).to(z_t.dtype)
+        time = self.time_embed(sinusoid)  # (B, H)
         positions = self.position_embedding.weight[:length]  # (L, H)
         h = self.up_proj(z_t) + positions[None] + time[:, None, :]  # (B, L, H)
         h = self.dropout(self.input_norm(h))

@@ -64,6 +64,14 @@ def apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer,
     return grad_norm
 
 
+def training_model(model: nn.Module, wrap_model: Callable[[nn.Module], nn.Module] | None,
+                   compile_mode: str) -> nn.Module:
+    """What trains: `model`, wrapped (DDP on Ray) and compiled as asked. The bare `model` keeps
+    the weights; EMA, evaluation and checkpoints use it, never the compiled one."""
+    wrapped = wrap_model(model) if wrap_model else model
+    return wrapped if compile_mode == "off" else torch.compile(wrapped, mode=compile_mode)
+
+
 def linear_warmup_anneal(warmup_steps: int, anneal_steps: int) -> Callable[[int], float]:
     """LR multiplier: 0 -> 1 over `warmup_steps`, then 1 -> 0 linearly at `anneal_steps`."""
     def factor(step: int) -> float:
@@ -92,10 +100,10 @@ class DiffusionEngine:
             torch.manual_seed(cfg.train.seed)
             self.model = Denoiser(cfg.model, vocab_size, cfg.data.seq_len,
                                   cfg.diffusion.self_condition).to(device)
-        # the collapse diagnostics' yardstick; the same on resume (the same seeded init)
-        self.initial_emb_norm = self.model.embedding_table().detach().norm(dim=-1).mean().item()
+        # the collapse diagnostics' yardstick, (V, d); the same on resume (the same seeded init)
+        self.initial_table = self.model.embedding_table().detach().float().cpu().clone()
         self.ema = EMA(self.model, cfg.optim.ema_decay)
-        self.train_model = wrap_model(self.model) if wrap_model else self.model
+        self.train_model = training_model(self.model, wrap_model, cfg.train.compile)
         self.schedule = NoiseSchedule.named(cfg.diffusion.schedule, cfg.diffusion.num_steps)
         self.loss_spec = LossSpec.of(cfg.diffusion)
         self.timesteps = make_timestep_sampler(cfg.diffusion.timestep_sampling,
@@ -112,8 +120,9 @@ class DiffusionEngine:
     # ------------------------------------------------------------------ training
 
     def train_step(self, batch: Batch, loss_weight: float = 1.0, global_batch: int | None = None,
-                   offset: int = 0) -> dict[str, float]:
-        """One optimiser step on this worker's (local) batch.
+                   offset: int = 0) -> dict[str, torch.Tensor | float]:
+        """One optimiser step on this worker's (local) batch. Its metrics are 0-d tensors on the
+        device (the loop reads them once per report), apart from the learning rate.
 
         Distributed workers pass where their examples sit in the global batch (`global_batch`,
         `offset`) and `loss_weight` = local_batch * world_size / global_batch: timesteps and
@@ -141,14 +150,14 @@ class DiffusionEngine:
         self.ema.update(self.model)
         self.step += 1
 
-        n_tokens = batch["attention_mask"].sum()
-        return {
-            "loss": loss.item(), "mse": terms.mse.mean().item(), "ce": terms.ce.mean().item(),
-            "tT": terms.t_T.mean().item(), "rounding_ce": terms.rounding_ce.mean().item(),
-            "anchor_ce": terms.anchor_ce.mean().item(),
-            "token_accuracy": terms.token_accuracy.mean().item(),
-            "grad_norm": grad_norm.item(), "lr": lr, "tokens": n_tokens.item(),
-        }
+        with torch.no_grad():
+            return {
+                "loss": loss.detach(), "mse": terms.mse.mean(), "ce": terms.ce.detach().mean(),
+                "tT": terms.t_T.detach().mean(), "rounding_ce": terms.rounding_ce.detach().mean(),
+                "anchor_ce": terms.anchor_ce.detach().mean(),
+                "token_accuracy": terms.token_accuracy.mean(), "grad_norm": grad_norm.detach(),
+                "lr": lr, "tokens": batch["attention_mask"].sum(),
+            }
 
     def probe_loss(self, batch: Batch) -> torch.Tensor:
         """A training loss of `batch` on throwaway draws: what `train.balance` times."""
@@ -163,8 +172,10 @@ class DiffusionEngine:
         return (terms.total * weights.to(self.device)).mean()
 
     def _to_device(self, batch: Batch) -> Batch:
-        return {k: batch[k].to(self.device, non_blocking=True)
-                for k in ("input_ids", "attention_mask")}
+        """The batch on the engine's device; to a GPU from pinned memory, without waiting."""
+        cuda = self.device.type == "cuda"
+        return {k: (batch[k].pin_memory() if cuda and not batch[k].is_cuda else batch[k])
+                .to(self.device, non_blocking=cuda) for k in ("input_ids", "attention_mask")}
 
     def _noise_shape(self, size: int, length: int) -> tuple[int, int, int]:
         return size, length, self.model.word_embedding.embedding_dim
@@ -186,7 +197,10 @@ class DiffusionEngine:
         t_half = int((self.schedule.alphas_cumprod - 0.5).abs().argmin())
         sums: dict[str, float] = {}
         count = 0
+        token_counts = torch.zeros(self.initial_table.shape[0], dtype=torch.long)
         for batch in batches:
+            token_counts += torch.bincount(batch["input_ids"][batch["attention_mask"].bool()],
+                                           minlength=token_counts.shape[0]).cpu()
             batch = self._to_device(batch)
             size, length = batch["input_ids"].shape
             t = torch.randint(0, self.schedule.num_steps, (size,), generator=generator)
@@ -206,12 +220,14 @@ class DiffusionEngine:
         out = {f"val_{k}": v / count for k, v in sums.items()}
         out["val_loss"] = out.pop("val_total")
         out["val_mse_over_z0_sq"] = out["val_mse"] / max(out["val_z0_sq"], 1e-12)
-        return out | self.embedding_stats()
+        return out | self.embedding_stats(token_counts)
 
-    def embedding_stats(self) -> dict[str, float]:
+    def embedding_stats(self, token_counts: torch.Tensor | None = None) -> dict[str, float]:
         """Collapse diagnostics of the (trained, not EMA) embedding table against its state at
-        step 0: norms, their ratio, mean pairwise cosine, effective rank, the rule's verdict."""
-        return embedding_diagnostics(self.model.embedding_table(), self.initial_emb_norm)
+        step 0, weighted by `token_counts` (V,) (the validation tokens): norms and their ratios,
+        mean pairwise cosine, effective rank, the collapse rule's verdict."""
+        return embedding_diagnostics(self.model.embedding_table(), self.initial_table,
+                                     token_counts)
 
     # ------------------------------------------------------------------ state
 

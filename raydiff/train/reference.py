@@ -16,7 +16,7 @@ from raydiff.config import Config
 from raydiff.diffusion import Batch
 from raydiff.errors import RaydiffError
 from raydiff.model.reference_lm import build_reference_lm, causal_lm_loss
-from raydiff.train.engine import apply_gradients, build_optimizer
+from raydiff.train.engine import apply_gradients, build_optimizer, training_model
 from raydiff.train.precision import autocast
 
 REFERENCE_KIND = "reference_lm"  # stored in its checkpoints' state
@@ -31,23 +31,23 @@ class ReferenceEngine:
         with torch.random.fork_rng(devices=[]):  # identical initial weights on every worker
             torch.manual_seed(cfg.train.seed)
             self.model = build_reference_lm(cfg.reference, vocab_size, cfg.data.seq_len).to(device)
-        self.train_model = wrap_model(self.model) if wrap_model else self.model
+        self.train_model = training_model(self.model, wrap_model, cfg.train.compile)
         self.optimizer, self.lr_schedule = build_optimizer(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.step = 0
 
     def train_step(self, batch: Batch, loss_weight: float = 1.0, global_batch: int | None = None,
-                   offset: int = 0) -> dict[str, float]:
+                   offset: int = 0) -> dict[str, torch.Tensor | float]:
         """One optimiser step: mean NLL per predicted token of this worker's batch, scaled by
-        `loss_weight` (see `DiffusionEngine.train_step`)."""
+        `loss_weight` (see `DiffusionEngine.train_step`). Metrics stay on the device."""
         loss = self.probe_loss(batch)
         grad_norm = apply_gradients(self.model, self.optimizer, self.scaler, loss, loss_weight,
                                     self.cfg.optim.grad_clip, self.step)
         lr = self.lr_schedule.get_last_lr()[0]
         self.lr_schedule.step()
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
-                "tokens": batch["attention_mask"].sum().item()}
+        return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "lr": lr,
+                "tokens": batch["attention_mask"].sum()}
 
     def probe_loss(self, batch: Batch) -> torch.Tensor:
         """The training loss of `batch` (no draws here, so what `train_step` minimises is what

@@ -57,6 +57,7 @@ def trial_rows(experiment) -> list[dict]:
             "val_token_accuracy_abar50": best.get("val_token_accuracy_abar50", math.nan),
             "emb_norm_mean": last.get("emb_norm_mean", math.nan),
             "emb_norm_ratio": last.get("emb_norm_ratio", math.nan),
+            "emb_scale_ratio": last.get("emb_scale_ratio", math.nan),
             "emb_effective_rank": last.get("emb_effective_rank", math.nan),
             # the collapse rule (eval.metrics.is_collapsed) at any evaluation, and the first
             "collapsed_at_step": _first_step(reports, "emb_collapsed", lambda v: v >= 1),
@@ -145,8 +146,9 @@ def write_results(experiment, rows: list[dict], yardsticks: dict | None = None) 
     write_atomic(path / "results.json", json.dumps(json_ready(payload), indent=2))
 
 
-def plot_convergence(experiment, out: Path, key: str = "val_mse") -> Path:
-    """Validation `key` against step, one line per schedule, one panel per loss (Figure 3)."""
+def plot_convergence(experiment, out: Path, key: str = "val_mse", log_y: bool = True) -> Path:
+    """`key` at each evaluation against step, one line per trial, one panel per loss (Figure 3
+    for val_mse; the collapse study's figures for the embedding diagnostics)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,8 +170,9 @@ def plot_convergence(experiment, out: Path, key: str = "val_mse") -> Path:
             ax.plot(steps, values, marker="o", markersize=3, label=label or name)
         ax.set_title(f"loss = {loss}")
         ax.set_xlabel("step")
-        ax.set_ylabel(f"validation {key.removeprefix('val_')}")
-        ax.set_yscale("log")
+        ax.set_ylabel(f"validation {key.removeprefix('val_')}" if key.startswith("val_")
+                      else key)
+        ax.set_yscale("log" if log_y else "linear")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -193,7 +196,7 @@ def trials_table(rows: list[dict], metric: str) -> Table:
         ("iterations", "reports"), ("steps", "steps"), ("stopped_early", "stopped early"),
         (f"best_{metric}", f"best {metric}"), ("val_mse_over_z0_sq", "mse / z0^2"),
         ("val_token_accuracy", "token acc"), ("val_mse_abar50", "mse @abar.5"),
-        ("val_token_accuracy_abar50", "acc @abar.5"), ("emb_norm_ratio", "norm / norm0"),
+        ("val_token_accuracy_abar50", "acc @abar.5"), ("emb_scale_ratio", "scale / scale0"),
         ("collapsed_at_step", "collapsed at")] + [(k, k.replace("_", " "))
                                                           for k in thresholds]
     table.add_column("#")
@@ -250,5 +253,9 @@ def finish(experiment, with_yardsticks: bool = True) -> dict:
     yardsticks = abar_yardsticks(experiment) if with_yardsticks else {}
     write_results(experiment, rows, yardsticks)
     plot = plot_convergence(experiment, experiment.path / "convergence.png")
+    if any(curves(experiment, "emb_scale_ratio").values()):  # the collapse diagnostics
+        for key, name, log_y in (("emb_scale_ratio", "scale", True),
+                                 ("emb_effective_rank", "rank", False)):
+            plot_convergence(experiment, experiment.path / f"collapse-{name}.png", key, log_y)
     best = copy_best_checkpoint(experiment, rows)
     return {"rows": rows, "yardsticks": yardsticks, "plot": plot, "best_checkpoint": best}
