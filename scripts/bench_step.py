@@ -14,8 +14,10 @@ hundreds of times slower than fp32); --force-bf16 runs it anyway.
 --anchor times the reference code base's own training step (minimal-text-diffusion, through
 ../shared/tools/mtd_bench.py in a subprocess, so none of its code lives here) and raydiff's at
 the same model, batch and device, alternating round by round, and prints both and their ratio.
---compile adds, for each config, the same step with `train.compile=<mode>` (timed after its
-compilation, whose seconds are reported), measured beside the eager step in the same run.
+Each config is timed as the plain step (every diagnostic on every step, `speedup_vs_eager` 1),
+as the step the training loop takes between reports (no diagnostics), and with --compile MODE
+also compiled (`train.compile=MODE`, timed after its compilation, whose seconds are reported),
+all in the same run.
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_config(cfg: Config, name: str, precision: str, device: torch.device, steps: int,
-                 warmup: int) -> dict:
+                 warmup: int, diagnostics: bool = False) -> dict:
     """Median step time of `steps` optimizer steps after `warmup` (and, compiled, after the
-    first step, which compiles)."""
+    first step, which compiles). `diagnostics=False` is the step the training loop takes
+    between reports; True, the report step (and every step before this round)."""
     vocab = cfg.data.vocab_size
     B, L = cfg.train.batch_size, cfg.data.seq_len
     engine = DiffusionEngine(cfg, vocab, device, precision=precision)
@@ -78,17 +81,18 @@ def bench_config(cfg: Config, name: str, precision: str, device: torch.device, s
             engine.train_step(batch)
         step_flops = counter.get_total_flops()
     for _ in range(warmup):
-        engine.train_step(batch)
+        engine.train_step(batch, diagnostics=diagnostics)
     times = []
     for _ in range(steps):
         _sync(device)
         start = time.perf_counter()
-        engine.train_step(batch)
+        engine.train_step(batch, diagnostics=diagnostics)
         _sync(device)
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     return {
-        "config": name, "precision": precision, "compile": cfg.train.compile, "batch": B,
+        "config": name, "precision": precision, "compile": cfg.train.compile,
+        "diagnostics": diagnostics, "batch": B,
         "seq_len": L, "vocab": vocab, "hidden": cfg.model.hidden_size,
         "layers": cfg.model.num_layers, "embed_dim": cfg.model.embed_dim,
         "params": sum(p.numel() for p in engine.model.parameters()),
@@ -176,9 +180,12 @@ def main() -> None:
                 results.append({"config": name, "precision": "bf16", "skipped":
                                 "no native bf16 on this device (see matmul_flops.bf16)"})
                 continue
-            modes = ["off"] + ([args.compile] if args.compile else [])
+            # the first row is the plain step (diagnostics on every step, as before this round)
+            variants = [("off", True), ("off", False)] + (
+                [(args.compile, False)] if args.compile else [])
             timed = [bench_config(apply_overrides(base, {"train.compile": mode}), name,
-                                  precision, device, args.steps, args.warmup) for mode in modes]
+                                  precision, device, args.steps, args.warmup, diagnostics)
+                     for mode, diagnostics in variants]
             for r in timed:
                 flops = r["achieved_flops"] or (timed[0]["flops_per_step"] / r["step_s"])
                 r["mfu"] = flops / peak[precision] if peak[precision] else None

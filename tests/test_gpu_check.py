@@ -27,9 +27,10 @@ def test_gpu_check_dry_run_writes_every_steps_json(ray_session, tmp_path):
     assert done.returncode == 0, (done.stderr[-2000:], logs)
 
     step = json.loads((out / "bench_step.json").read_text())
-    eager, compiled = step["results"]
-    assert (eager["compile"], compiled["compile"]) == ("off", "default")
-    assert eager["tokens_per_s"] > 0 and compiled["tokens_per_s"] > 0
+    eager, lean, compiled = step["results"]
+    assert [(r["compile"], r["diagnostics"]) for r in step["results"]] == [
+        ("off", True), ("off", False), ("default", False)]
+    assert eager["tokens_per_s"] > 0 and lean["tokens_per_s"] > 0 and compiled["tokens_per_s"] > 0
     assert compiled["speedup_vs_eager"] == pytest.approx(eager["step_s"] / compiled["step_s"])
     assert eager["flops_per_step"] > 0 and 0 < eager["mfu"] < 1
 

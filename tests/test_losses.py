@@ -162,3 +162,28 @@ def test_target_is_clean_embedding_at_t0_and_perturbed_z0_elsewhere():
     unperturbed = diffusion_losses(oracle, s, batch, LossSpec(perturb_z0=False),
                                    _draws(ids, t, dim=8))
     assert torch.all(unperturbed.mse == 0)
+
+
+@pytest.mark.parametrize("loss", ["none", "rounding", "anchor"])
+def test_skipping_diagnostics_leaves_the_loss_and_its_gradients_unchanged(loss):
+    ids, mask = _batch()
+    grads, terms = [], []
+    for diagnostics in (True, False):
+        model = tiny_denoiser()  # the same seeded weights each time
+        t = torch.tensor([0, 10, 50, 99])
+        out = diffusion_losses(model, NoiseSchedule.named("pw_lin", 100),
+                               {"input_ids": ids, "attention_mask": mask}, LossSpec(loss=loss),
+                               _draws(ids, t, dim=8), diagnostics=diagnostics)
+        out.total.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+        terms.append(out)
+    full, lean = terms
+    torch.testing.assert_close(lean.total, full.total, rtol=0, atol=0)
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=0, msg=name)
+    assert lean.token_accuracy is None and full.token_accuracy is not None
+    # only the optimised CE term is computed without diagnostics
+    assert (lean.rounding_ce is None) == (loss != "rounding")
+    assert (lean.anchor_ce is None) == (loss != "anchor")

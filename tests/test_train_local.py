@@ -214,3 +214,26 @@ def test_compiled_step_gives_the_plain_steps_losses_and_gradients(smoke_cfg):
     for name, value in plain.model.state_dict().items():
         torch.testing.assert_close(fast.model.state_dict()[name], value, rtol=1e-4, atol=1e-5,
                                    msg=name)
+
+
+def test_diagnostics_are_measured_on_the_steps_that_report(smoke_cfg, monkeypatch):
+    """The CE term that is not optimised and token accuracy cost a vocabulary-sized pass: the
+    loop asks for them on report steps only, and reports their value there, not a mean that
+    divides by steps that did not measure them."""
+    cfg = _short(smoke_cfg, **{"train.max_steps": 12, "train.log_every": 4,
+                               "train.eval_every": 6, "train.checkpoint_every": 12})
+    asked, real = {}, engine_module.DiffusionEngine.train_step
+
+    def recording(self, *args, diagnostics=True, **kwargs):
+        out = real(self, *args, diagnostics=diagnostics, **kwargs)
+        asked[self.step] = diagnostics, out.get("rounding_ce")
+        return out
+
+    monkeypatch.setattr(engine_module.DiffusionEngine, "train_step", recording)
+    run = train_local(cfg)
+    assert [s for s, (d, _) in sorted(asked.items()) if d] == [4, 6, 8, 12]
+    reports = {r["step"]: r for r in (json.loads(line) for line in
+                                      (run.run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(reports) == [4, 6, 8, 12]
+    for step, report in reports.items():  # anchor loss: rounding_ce is the diagnostic
+        assert report["rounding_ce"] == pytest.approx(asked[step][1].item())

@@ -38,10 +38,11 @@ class LossTerms:
     mse: torch.Tensor
     t_T: torch.Tensor
     ce: torch.Tensor  # the CE term in `total` (rounding, anchor, or zeros for none)
-    rounding_ce: torch.Tensor
-    anchor_ce: torch.Tensor
-    token_accuracy: torch.Tensor  # argmax(logits(x0hat)) == w
     z0_sq: torch.Tensor  # mean squared entry of the clean z0, the scale mse is read against
+    # diagnostics, None when not asked for (each costs a vocabulary-sized pass)
+    rounding_ce: torch.Tensor | None = None
+    anchor_ce: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None  # argmax(logits(x0hat)) == w
 
 
 def _token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -89,10 +90,11 @@ class Draws:
 
 
 def diffusion_losses(model: torch.nn.Module, schedule: NoiseSchedule, batch: Batch,
-                     spec: LossSpec, draws: Draws) -> LossTerms:
+                     spec: LossSpec, draws: Draws, *, diagnostics: bool = True) -> LossTerms:
     """Loss terms of a batch of token ids (B, L) under `spec`, with the randomness of `draws`.
     `model` is a `Denoiser` (or a DDP wrapper of one: only its forward goes through the
-    wrapper)."""
+    wrapper). `diagnostics=False` skips what `total` does not need (the CE term that is not
+    optimised, token accuracy): the same loss and gradients, less work."""
     net = getattr(model, "module", model)
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, L) each
     device = input_ids.device
@@ -115,18 +117,24 @@ def diffusion_losses(model: torch.nn.Module, schedule: NoiseSchedule, batch: Bat
     abar_last = schedule.alphas_cumprod[-1].item()
     t_T = masked_mean((abar_last * z0.float().pow(2)).mean(dim=-1), attention_mask)
 
-    # the CE terms that are not optimised are still logged: they show which regime a run is in
-    with torch.set_grad_enabled(spec.loss == "anchor" and torch.is_grad_enabled()):
-        x0_logits = net.logits(x0_hat)  # (B, L, V)
-        anchor_ce = masked_mean(_token_ce(x0_logits, input_ids), attention_mask)
-    with torch.set_grad_enabled(spec.loss == "rounding" and torch.is_grad_enabled()):
-        rounding_ce = masked_mean(_token_ce(net.logits(z0), input_ids), attention_mask)
-    ce = {"rounding": rounding_ce, "anchor": anchor_ce}.get(spec.loss, torch.zeros_like(mse))
-
+    # the CE term that is not optimised is still logged as a diagnostic: it shows which regime a
+    # run is in
+    anchor_ce = rounding_ce = token_accuracy = None
+    if spec.loss == "anchor" or diagnostics:
+        with torch.set_grad_enabled(spec.loss == "anchor" and torch.is_grad_enabled()):
+            x0_logits = net.logits(x0_hat)  # (B, L, V)
+            anchor_ce = masked_mean(_token_ce(x0_logits, input_ids), attention_mask)
+        if diagnostics:
+            with torch.no_grad():
+                correct = (x0_logits.argmax(dim=-1) == input_ids).float()
+                token_accuracy = masked_mean(correct, attention_mask)
+    if spec.loss == "rounding" or diagnostics:
+        with torch.set_grad_enabled(spec.loss == "rounding" and torch.is_grad_enabled()):
+            rounding_ce = masked_mean(_token_ce(net.logits(z0), input_ids), attention_mask)
+    ce = {"rounding": rounding_ce, "anchor": anchor_ce}.get(spec.loss)
+    ce = torch.zeros_like(mse) if ce is None else ce
     with torch.no_grad():
-        correct = (x0_logits.argmax(dim=-1) == input_ids).float()
-        token_accuracy = masked_mean(correct, attention_mask)
         z0_sq = masked_mean(clean.float().pow(2).mean(dim=-1), attention_mask)
 
-    return LossTerms(total=mse + ce + t_T, mse=mse, t_T=t_T, ce=ce, rounding_ce=rounding_ce,
-                     anchor_ce=anchor_ce, token_accuracy=token_accuracy, z0_sq=z0_sq)
+    return LossTerms(total=mse + ce + t_T, mse=mse, t_T=t_T, ce=ce, z0_sq=z0_sq,
+                     rounding_ce=rounding_ce, anchor_ce=anchor_ce, token_accuracy=token_accuracy)

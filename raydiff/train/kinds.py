@@ -31,11 +31,12 @@ class Engine(Protocol):
                  wrap_model: Callable[[nn.Module], nn.Module] | None = None) -> None: ...
 
     def train_step(self, batch: Batch, loss_weight: float = 1.0,
-                   global_batch: int | None = None,
-                   offset: int = 0) -> dict[str, torch.Tensor | float]:
+                   global_batch: int | None = None, offset: int = 0,
+                   diagnostics: bool = True) -> dict[str, torch.Tensor | float]:
         """One optimiser step on this worker's rows of the global batch; raises
         `NonFiniteLossError` (on every rank at the same step) instead of applying a bad one.
-        Metrics may stay on the device as 0-d tensors: the loop reads them at report time."""
+        Metrics may stay on the device as 0-d tensors: the loop reads them at report time.
+        `diagnostics=False`: metrics that cost work but no gradient may be left out."""
         ...
 
     def probe_loss(self, batch: Batch) -> torch.Tensor:

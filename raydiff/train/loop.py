@@ -46,6 +46,12 @@ def host_values(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     return {k: read[k] if k in read else float(v) for k, v in values.items()}
 
 
+def _reports(step: int, cfg: TrainConfig) -> bool:
+    """Whether the loop reports after `step` (a log, an evaluation or a checkpoint is due)."""
+    return (step % cfg.log_every == 0 or step % cfg.eval_every == 0
+            or step % cfg.checkpoint_every == 0 or step == cfg.max_steps)
+
+
 def train_loop(engine: Engine, train_batches: Iterator[PlacedBatch],
                valid_batches: Callable[[], Iterable[Batch]], cfg: TrainConfig, reporter: Reporter,
                *, is_chief: bool = True) -> LoopResult:
@@ -53,25 +59,26 @@ def train_loop(engine: Engine, train_batches: Iterator[PlacedBatch],
     worker's rows sit in the step's global batch (see `DiffusionEngine.train_step`)."""
     best, evals_since_best, stopped_early = math.inf, 0, False
     window: dict[str, float] = {}
-    window_steps, window_start = 0, time.perf_counter()
+    counts: dict[str, int] = {}  # steps that measured each metric (diagnostics: report steps)
+    window_start = time.perf_counter()
     metrics: dict[str, float] = {}
     while engine.step < cfg.max_steps:
         placed = next(train_batches)
         # raises on a NaN/inf loss (on every rank of a DDP group at the same step)
-        step_metrics = engine.train_step(*placed)
+        step_metrics = engine.train_step(*placed, diagnostics=_reports(engine.step + 1, cfg))
         step_metrics["local_batch"] = len(placed.batch["input_ids"])
         for k, v in step_metrics.items():
             window[k] = window.get(k, 0.0) + v
-        window_steps += 1
+            counts[k] = counts.get(k, 0) + 1
 
         step = engine.step
         do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
         do_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
-        if not (do_eval or do_ckpt or step % cfg.log_every == 0):
+        if not _reports(step, cfg):
             continue
         window = host_values(window)  # the one device -> host read of this report
         elapsed = time.perf_counter() - window_start
-        metrics = {k: v / window_steps for k, v in window.items() if k != "tokens"}
+        metrics = {k: v / counts[k] for k, v in window.items() if k != "tokens"}
         metrics |= {"step": step, "tokens_per_s": window["tokens"] / max(elapsed, 1e-9)}
         if do_eval:
             metrics |= engine.evaluate(valid_batches(), use_ema=cfg.eval_ema)
@@ -87,7 +94,7 @@ def train_loop(engine: Engine, train_batches: Iterator[PlacedBatch],
             metrics["best_val_loss"] = best
         do_ckpt = do_ckpt or stopped_early
         reporter.report(metrics, engine.state_dict() if do_ckpt and is_chief else None)
-        window, window_steps, window_start = {}, 0, time.perf_counter()
+        window, counts, window_start = {}, {}, time.perf_counter()
         if stopped_early:
             break
     return LoopResult(engine.step, best, stopped_early, metrics)

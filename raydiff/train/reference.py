@@ -37,7 +37,7 @@ class ReferenceEngine:
         self.step = 0
 
     def train_step(self, batch: Batch, loss_weight: float = 1.0, global_batch: int | None = None,
-                   offset: int = 0) -> dict[str, torch.Tensor | float]:
+                   offset: int = 0, diagnostics: bool = True) -> dict[str, torch.Tensor | float]:
         """One optimiser step: mean NLL per predicted token of this worker's batch, scaled by
         `loss_weight` (see `DiffusionEngine.train_step`). Metrics stay on the device."""
         loss = self.probe_loss(batch)
