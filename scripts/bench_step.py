@@ -125,9 +125,11 @@ def side_by_side(anchor: Path, configs: list[str], device: torch.device, rounds:
     for name in configs:
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
         h = cfg.model.hidden_size
-        # MTD's encoder: heads of 64, a 4x feed-forward, dropout 0.1; ours takes the same
+        # MTD's encoder (heads of 64, a 4x feed-forward, dropout 0.1) and objective (the
+        # rounding CE, whose gradient stops at the embeddings); ours takes the same
         cfg = apply_overrides(cfg, {"model.num_heads": max(1, h // 64),
-                                    "model.intermediate_size": 4 * h, "model.dropout": 0.1})
+                                    "model.intermediate_size": 4 * h, "model.dropout": 0.1,
+                                    "diffusion.loss": "rounding"})
         theirs, ours = [], []
         for _ in range(rounds):
             theirs.append(mtd_step(anchor, cfg, device, steps, warmup)["tokens_per_s"])
