@@ -1,9 +1,11 @@
-"""The training objective of stabilised Diffusion-LM (docs/design.md §4), per example, over non-PAD tokens.
+"""The training objective of stabilised Diffusion-LM (docs/design.md §4), per example, over
+non-PAD tokens.
 
 total = mse + CE + tT, where CE is the rounding loss CE(logits(z0), w) of Diffusion-LM, the
 anchor loss CE(logits(x0hat), w) of Difformer, or nothing ("none": the positive control of the
-collapse study, whose denoising loss alone can be made small by shrinking the embeddings). Gradients reach E from every term. Averages
-follow Diffusion-LM's `mean_flat`: over embedding dimensions, then over the example's tokens.
+collapse study, whose denoising loss alone can be made small by shrinking the embeddings).
+Gradients reach E from every term. Averages follow Diffusion-LM's `mean_flat`: over embedding
+dimensions, then over the example's tokens.
 """
 
 from __future__ import annotations

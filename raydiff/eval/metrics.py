@@ -47,8 +47,8 @@ def unigram_entropy(token_lists: Sequence[Sequence[int]]) -> float:
     """Entropy in nats of the token distribution pooled over all sequences, -sum p log p (the
     plug-in estimate: it grows with the number of tokens, so compare sets of equal size). Low
     values mean few distinct tokens, which a low gen-PPL can hide; NaN when there are none."""
-    counts = np.bincount(np.concatenate([np.asarray(t, np.int64) for t in token_lists])) \
-        if token_lists and any(len(t) for t in token_lists) else np.zeros(0)
+    tokens = [np.asarray(t, np.int64) for t in token_lists]
+    counts = np.bincount(np.concatenate(tokens)) if tokens else np.zeros(0, np.int64)
     total = counts.sum()
     if total == 0:
         return math.nan

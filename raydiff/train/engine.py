@@ -64,6 +64,13 @@ def apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer,
     return grad_norm
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """A batch's ids and mask on `device`; to a GPU from pinned memory, without waiting."""
+    cuda = device.type == "cuda"
+    return {k: (batch[k].pin_memory() if cuda and not batch[k].is_cuda else batch[k])
+            .to(device, non_blocking=cuda) for k in ("input_ids", "attention_mask")}
+
+
 def training_model(model: nn.Module, wrap_model: Callable[[nn.Module], nn.Module] | None,
                    compile_mode: str) -> nn.Module:
     """What trains: `model`, wrapped (DDP on Ray) and compiled as asked. The bare `model` keeps
@@ -132,7 +139,7 @@ class DiffusionEngine:
         each uses its slice, so that with DDP's gradient averaging W workers (equal or unequal
         local batches) take exactly the step one worker takes on the global batch.
         """
-        batch = self._to_device(batch)
+        batch = to_device(batch, self.device)
         local, length = batch["input_ids"].shape
         total = global_batch or local
         t_all, weights_all = self.timesteps.sample(total, "cpu", self.generator)
@@ -163,7 +170,7 @@ class DiffusionEngine:
 
     def probe_loss(self, batch: Batch) -> torch.Tensor:
         """A training loss of `batch` on throwaway draws: what `train.balance` times."""
-        batch = self._to_device(batch)
+        batch = to_device(batch, self.device)
         generator = torch.Generator().manual_seed(0)
         size, length = batch["input_ids"].shape
         t, weights = self.timesteps.sample(size, "cpu", generator)
@@ -173,12 +180,6 @@ class DiffusionEngine:
             terms = diffusion_losses(self.train_model, self.schedule, batch, self.loss_spec, draws,
                                      diagnostics=False)
         return (terms.total * weights.to(self.device)).mean()
-
-    def _to_device(self, batch: Batch) -> Batch:
-        """The batch on the engine's device; to a GPU from pinned memory, without waiting."""
-        cuda = self.device.type == "cuda"
-        return {k: (batch[k].pin_memory() if cuda and not batch[k].is_cuda else batch[k])
-                .to(self.device, non_blocking=cuda) for k in ("input_ids", "attention_mask")}
 
     def _noise_shape(self, size: int, length: int) -> tuple[int, int, int]:
         return size, length, self.model.word_embedding.embedding_dim
@@ -204,7 +205,7 @@ class DiffusionEngine:
         for batch in batches:
             token_counts += torch.bincount(batch["input_ids"][batch["attention_mask"].bool()],
                                            minlength=token_counts.shape[0]).cpu()
-            batch = self._to_device(batch)
+            batch = to_device(batch, self.device)
             size, length = batch["input_ids"].shape
             t = torch.randint(0, self.schedule.num_steps, (size,), generator=generator)
             for suffix, timesteps in (("", t), ("_abar50", torch.full_like(t, t_half))):

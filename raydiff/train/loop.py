@@ -40,16 +40,23 @@ class LoopResult:
 def host_values(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Python floats of a dict of 0-d tensors and numbers, the tensors read in one transfer
     (on a GPU, one synchronisation instead of one per metric and step)."""
-    tensors = {k: v.float() for k, v in values.items() if isinstance(v, torch.Tensor)}
-    read = dict(zip(tensors, torch.stack(list(tensors.values())).tolist(), strict=True)) \
-        if tensors else {}
+    tensors = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    read = {}
+    if tensors:
+        stacked = torch.stack([values[k].float() for k in tensors])
+        read = dict(zip(tensors, stacked.tolist(), strict=True))
     return {k: read[k] if k in read else float(v) for k, v in values.items()}
+
+
+def _due(step: int, cfg: TrainConfig) -> tuple[bool, bool]:
+    """(evaluate, checkpoint) after `step`: at their intervals and at the last step."""
+    last = step == cfg.max_steps
+    return step % cfg.eval_every == 0 or last, step % cfg.checkpoint_every == 0 or last
 
 
 def _reports(step: int, cfg: TrainConfig) -> bool:
     """Whether the loop reports after `step` (a log, an evaluation or a checkpoint is due)."""
-    return (step % cfg.log_every == 0 or step % cfg.eval_every == 0
-            or step % cfg.checkpoint_every == 0 or step == cfg.max_steps)
+    return step % cfg.log_every == 0 or any(_due(step, cfg))
 
 
 def train_loop(engine: Engine, train_batches: Iterator[PlacedBatch],
@@ -72,8 +79,7 @@ def train_loop(engine: Engine, train_batches: Iterator[PlacedBatch],
             counts[k] = counts.get(k, 0) + 1
 
         step = engine.step
-        do_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
-        do_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+        do_eval, do_ckpt = _due(step, cfg)
         if not _reports(step, cfg):
             continue
         window = host_values(window)  # the one device -> host read of this report

@@ -16,7 +16,7 @@ from raydiff.config import Config
 from raydiff.diffusion import Batch
 from raydiff.errors import RaydiffError
 from raydiff.model.reference_lm import build_reference_lm, causal_lm_loss
-from raydiff.train.engine import apply_gradients, build_optimizer, training_model
+from raydiff.train.engine import apply_gradients, build_optimizer, to_device, training_model
 from raydiff.train.precision import autocast
 
 REFERENCE_KIND = "reference_lm"  # stored in its checkpoints' state
@@ -52,11 +52,11 @@ class ReferenceEngine:
     def probe_loss(self, batch: Batch) -> torch.Tensor:
         """The training loss of `batch` (no draws here, so what `train_step` minimises is what
         `train.balance` times)."""
+        batch = to_device(batch, self.device)
         self.train_model.train()
         with autocast(self.precision, self.device):
-            nll, count = causal_lm_loss(
-                self.train_model, batch["input_ids"].to(self.device, non_blocking=True),
-                batch["attention_mask"].to(self.device, non_blocking=True))
+            nll, count = causal_lm_loss(self.train_model, batch["input_ids"],
+                                        batch["attention_mask"])
         return nll.sum() / count.sum().clamp(min=1)
 
     @torch.no_grad()
@@ -66,9 +66,8 @@ class ReferenceEngine:
         reference LM keeps no EMA and evaluation draws nothing)."""
         self.model.eval()
         total_nll, total_tokens = 0.0, 0
-        for batch in batches:
-            nll, count = causal_lm_loss(self.model, batch["input_ids"].to(self.device),
-                                        batch["attention_mask"].to(self.device))
+        for batch in (to_device(b, self.device) for b in batches):
+            nll, count = causal_lm_loss(self.model, batch["input_ids"], batch["attention_mask"])
             total_nll += nll.sum().item()
             total_tokens += int(count.sum().item())
         self.model.train()

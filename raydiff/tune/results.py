@@ -253,7 +253,7 @@ def finish(experiment, with_yardsticks: bool = True) -> dict:
     yardsticks = abar_yardsticks(experiment) if with_yardsticks else {}
     write_results(experiment, rows, yardsticks)
     plot = plot_convergence(experiment, experiment.path / "convergence.png")
-    if any(curves(experiment, "emb_scale_ratio").values()):  # the collapse diagnostics
+    if any(not math.isnan(r["emb_scale_ratio"]) for r in rows):  # the collapse diagnostics
         for key, name, log_y in (("emb_scale_ratio", "scale", True),
                                  ("emb_effective_rank", "rank", False)):
             plot_convergence(experiment, experiment.path / f"collapse-{name}.png", key, log_y)
