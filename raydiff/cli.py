@@ -147,12 +147,14 @@ def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
                        help="of the model and the sampler's state (default float32)")
     group.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
                        help="clamp x0hat to the nearest embedding at every step")
+    group.add_argument("--clamp-below", type=float, metavar="FRACTION",
+                       help="clamp only at steps with t < FRACTION x T (default 1: all)")
     group.add_argument("--no-ema", action="store_true", help="use the raw, not the EMA, weights")
 
 
 def _sampler_overrides(args: argparse.Namespace) -> dict:
     return {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "clamp": args.clamp,
-            "precision": args.precision}
+            "clamp_below": args.clamp_below, "precision": args.precision}
 
 
 def cmd_sample(args: argparse.Namespace, console: Console) -> int:
@@ -300,7 +302,7 @@ def cmd_cluster_check(args: argparse.Namespace, console: Console) -> int:
         start_ray(args.address, connect_timeout_s=cfg.ray.connect_timeout_s)
         check_resources(cfg)
         console.print(f"the running cluster at {args.address} fits the request")
-    console.print(f"ok: ray.num_workers={cfg.ray.num_workers} workers fit "
+    console.print(f"ok: ray.num_workers={cfg.ray.num_workers} fits "
                   f"({fit['workers_that_fit'] if fit['workers_that_fit'] is not None else '?'} "
                   f"at most)")
     return 0

@@ -186,7 +186,7 @@ def check_request(cfg: Config, cluster: ClusterFile) -> dict:
                             for r, a in demand.items()) * t.max_count
                 for t in cluster.node_types}
     fit = sum(per_type.values())
-    if fit < cfg.ray.num_workers:
+    if fit < cfg.ray.min_workers:
         raise ClusterError(f"ray.num_workers={cfg.ray.num_workers}: the node types of "
                            f"{cluster.path} hold at most {fit} such workers")
     return {"workers_that_fit": fit, "per_node_type": per_type}

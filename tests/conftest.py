@@ -14,6 +14,9 @@ from raydiff.model import Denoiser
 # Ray hygiene for every test session (one Ray per session, no usage stats, no auth tokens)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train's controller polls its workers every 2 s by default and a worker's report waits for
+# the poll: the tests report every few steps of tiny models
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -10,6 +10,7 @@ import torch
 from raydiff.config import ConfigError, apply_overrides
 from raydiff.train.balance import (
     BalancedBatches,
+    StopRequested,
     measure_samples_per_s,
     placements,
     split_batch,
@@ -136,6 +137,45 @@ def test_balanced_batches_place_rows_and_refuse_a_too_small_split(smoke_cfg):
     too_small = BalancedBatches(RowStream(_Shard(rows=3)), engine, 4, 0, 1)
     with pytest.raises(ValueError, match="too small for train.batch_size=4"):
         next(too_small)
+
+
+class _Reports:
+    """A `Reporter` that keeps what the loop hands it (one process: nothing to reduce)."""
+
+    def __init__(self):
+        self.rows: list[tuple[dict, dict | None]] = []
+
+    def reduce(self, metrics):
+        return metrics
+
+    def report(self, metrics, checkpoint_state):
+        self.rows.append((metrics, checkpoint_state))
+
+
+@pytest.mark.parametrize(("stop_after", "checkpoint_every"), [(3, 10), (4, 2)])
+def test_a_stop_request_reports_the_last_step_with_a_checkpoint_and_stops(
+        smoke_cfg, stop_after, checkpoint_every):
+    """A preemption notice (the flag SIGTERM sets) turns up after `stop_after` steps: the loop
+    takes no further step, reports that step marked `preempted` with the engine's state (unless
+    that step was just checkpointed: no second checkpoint of one step) and re-raises."""
+    from raydiff.train.loop import train_loop
+
+    cfg = apply_overrides(smoke_cfg, {"data.seq_len": 4, "train.log_every": 1,
+                                      "train.checkpoint_every": checkpoint_every})
+    engine = _engine(cfg)
+    batches = BalancedBatches(RowStream(_Shard(rows=12), read_rows=8), engine, 4, 0, 1,
+                              stop_requested=lambda: engine.step >= stop_after)
+    reporter = _Reports()
+    with pytest.raises(StopRequested, match=f"before step {stop_after + 1}"):
+        train_loop(engine, batches, lambda: [], cfg.train, reporter)
+    assert engine.step == stop_after
+    last, state = reporter.rows[-1]
+    assert last["preempted"] == 1.0 and last["step"] == stop_after
+    assert [m["step"] for m, _ in reporter.rows] == [*range(1, stop_after + 1), stop_after]
+    if stop_after % checkpoint_every:
+        assert state is not None and state["step"] == stop_after
+    else:  # the step's own checkpoint stands
+        assert state is None and reporter.rows[-2][1]["step"] == stop_after
 
 
 def test_nan_guard_raises_before_the_step_and_keeps_the_weights(smoke_cfg):

@@ -12,30 +12,13 @@ from raydiff.train.checkpoint import latest_checkpoint, load_checkpoint
 from raydiff.train.engine import NonFiniteLossError
 from raydiff.train.trainer import check_resources, prepared_data, train_on_ray
 from raydiff.train.worker import STOPPED_FILE
+from tests.helpers.tensorboard import tensorboard_scalars
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def _reports(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} from TensorBoard event files (TFRecord frames of Event protos)."""
-    import struct
-
-    from tensorboardX.proto import event_pb2
-
-    scalars: dict[str, dict[int, float]] = {}
-    for path in sorted(log_dir.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        while data:
-            (length,) = struct.unpack("<Q", data[:8])
-            event = event_pb2.Event.FromString(data[12:12 + length])
-            data = data[12 + length + 4:]
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-    return scalars
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +41,7 @@ def test_two_worker_ddp_run_checkpoints_and_resumes(ray_session, smoke_cfg, data
     state, saved_cfg, tokenizer, _ = load_checkpoint(first.run_dir)
     assert state["step"] == 10 and saved_cfg.ray.num_workers == 2 and len(tokenizer) > 10
     assert "val_mse" in _reports(first.run_dir)[-1]
-    logged = _tensorboard_scalars(first.run_dir / "tensorboard")  # through the driver's monitor
+    logged = tensorboard_scalars(first.run_dir / "tensorboard")  # through the driver's monitor
     assert logged["loss"] == pytest.approx({r["step"]: r["loss"] for r in _reports(first.run_dir)})
     assert set(logged["val_mse"]) == {10} and set(logged["tokens_per_s_rank1"]) == {5, 10}
 
@@ -115,6 +98,11 @@ def test_a_worker_that_dies_is_replaced_and_the_run_completes(ray_session, smoke
     assert steps == [5, 10, 15, 20]
     final, _, _, _ = load_checkpoint(run.run_dir)
     assert final["step"] == 20
+    # the driver logged the restart (a new group of the same size, from step 10)
+    restarts = [json.loads(line) for line in (run.run_dir / "resizes.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["old_world_size"], r["new_world_size"], r["preempted"])
+            for r in restarts] == [(10, 2, 2, False)]
+    assert {r["world_size"] for r in _reports(run.run_dir)} == {2}
 
 
 def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(

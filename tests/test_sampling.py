@@ -114,3 +114,25 @@ def test_float64_sampling_keeps_its_state_in_float64_and_agrees_with_float32(sam
     # the same noise and weights: the two precisions differ by float32 rounding only
     torch.testing.assert_close(runs[torch.float32].x0.double(), runs[torch.float64].x0,
                                rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("below", [1.0, 0.5, 0.1])
+def test_clamp_below_clamps_only_the_low_noise_steps(below, monkeypatch):
+    """`clamp_below`: x0hat is snapped to the table only at steps with t < below x T (1.0:
+    every step); the steps above it leave the model's x0hat as it is."""
+    from raydiff.diffusion import sampling
+
+    s = NoiseSchedule.named("linear", 100)
+    model = _ConstantX0(torch.randn(1, 4, 6))
+    clamped_after = []  # how many model calls had been made at each clamp
+
+    def counting(x, table):
+        clamped_after.append(len(model.seen))
+        return nearest_embedding(x, table)
+
+    monkeypatch.setattr(sampling, "nearest_embedding", counting)
+    sample(model, s, (1, 4, 6), sampler="ddim", sample_steps=20, clamp=True, clamp_below=below,
+           generator=torch.Generator().manual_seed(0))
+    steps = respaced_timesteps(100, 20)  # the i-th model call is at t = steps[i]
+    assert [steps[n - 1] for n in clamped_after] == [t for t in steps if t < below * 100]
+    assert len(clamped_after) < len(steps) or below == 1.0

@@ -47,6 +47,14 @@ def test_resumed_run_ends_equal_to_uninterrupted_run(smoke_cfg, tmp_path):
         torch.testing.assert_close(b["ema"]["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_time_limit_stops_at_the_first_report_past_it_with_a_checkpoint(smoke_cfg):
+    run = train_local(_short(smoke_cfg, **{"train.time_limit_s": 1e-6}))
+    reports = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in reports] == [5] and reports[0]["elapsed_s"] > 1e-6
+    assert run.result.step == 5 and run.result.stopped_early
+    assert latest_checkpoint(run.run_dir).name == "step_00000005"
+
+
 def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(smoke_cfg, monkeypatch):
     cfg = _short(smoke_cfg)
     real = engine_module.diffusion_losses

@@ -140,7 +140,14 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, origin)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, origin)
+        for option in inner:  # `int | list`: the first type the value has
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, option, key, origin)
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ConfigError(f"{origin}: {key} must be {names}, got {shown(key, value)} "
+                          f"({type(value).__name__})")
     if origin_type is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -196,13 +203,18 @@ def _check_consistency(cfg: Config, origin: str) -> None:
         if not _finite_number(amount) or amount <= 0:
             raise ConfigError(f"{origin}: ray.worker_resources.{name} must be a positive "
                               f"number, got {amount!r}")
+    _check_num_workers(cfg.ray.num_workers, origin)
     for key, per_worker in (("ray.batch_shares", cfg.ray.batch_shares),
                             ("debug.probe_speeds", cfg.debug.probe_speeds)):
+        if per_worker and cfg.ray.elastic:
+            raise ConfigError(f"{origin}: {key} fixes one number per worker; an elastic "
+                              f"ray.num_workers={cfg.ray.num_workers} has no fixed count (use "
+                              f"ray.batch_balance=throughput)")
         if per_worker and (len(per_worker) != max(cfg.ray.num_workers, 1) or any(
                 not _finite_number(v) or v <= 0 for v in per_worker)):
             raise ConfigError(f"{origin}: {key}={per_worker!r} needs one positive number per "
                               f"worker (ray.num_workers={cfg.ray.num_workers})")
-    if cfg.train.batch_size < cfg.ray.num_workers:
+    if cfg.train.batch_size < cfg.ray.max_workers:
         raise ConfigError(f"{origin}: train.batch_size={cfg.train.batch_size} is smaller than "
                           f"ray.num_workers={cfg.ray.num_workers}")
     r = cfg.reference
@@ -218,6 +230,18 @@ def _check_consistency(cfg: Config, origin: str) -> None:
         raise ConfigError(
             f"{origin}: optim.warmup_steps={cfg.optim.warmup_steps} must be < "
             f"optim.anneal_steps={cfg.optim.anneal_steps}")
+
+
+def _check_num_workers(value: int | list, origin: str) -> None:
+    """An int >= 0, or [min, max] with 1 <= min <= max."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{origin}: ray.num_workers={value!r} must be >= 0")
+        return
+    if (len(value) != 2 or any(not isinstance(v, int) or isinstance(v, bool) for v in value)
+            or not 1 <= value[0] <= value[1]):
+        raise ConfigError(f"{origin}: ray.num_workers={value!r} must be an int or [min, max] "
+                          f"with 1 <= min <= max")
 
 
 def _check_bounds(value: Any, bounds: typing.Mapping[str, float], key: str, origin: str) -> None:

@@ -63,6 +63,9 @@ class DiffusionConfig:
     sample_steps: int = _field(200, ge=1)  # ddim sub-sequence length, capped at num_steps
     eta: float = _field(0.0, ge=0.0, le=1.0)
     clamp: bool = True  # replace x0hat by its nearest embedding row while sampling
+    # ... only at the steps whose t is below this fraction of T (1: every step, Diffusion-LM's
+    # clamping trick; smaller leaves the high-noise steps unclamped: docs/design.md §5)
+    clamp_below: float = _field(1.0, gt=0.0, le=1.0)
 
 
 @dataclass
@@ -132,6 +135,9 @@ class TrainConfig:
     checkpoint_every: int = _field(1000, ge=1)
     checkpoints_to_keep: int = _field(3, ge=1)  # the newest ones, on both paths
     patience: int = _field(0, ge=0)  # evaluations without improvement before stopping; 0 = off
+    # stop at the first report after this many seconds of training in this process, with a
+    # checkpoint (a fixed time budget: benchmarks, the GPU study); 0 = off
+    time_limit_s: float = _field(0.0, ge=0.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = _field(None, ge=1)  # torch intra-op threads on CPU
@@ -149,7 +155,10 @@ class RayConfig:
 
     address: str | None = None  # None: RAY_ADDRESS, else a local Ray sized to this machine
     connect_timeout_s: float = _field(20.0, gt=0.0)  # how long an address may take to answer
-    num_workers: int = _field(1, ge=0)
+    # a fixed size, or [min, max]: an elastic group that starts with what the cluster has (at
+    # least min), shrinks when workers are lost and grows back when resources return
+    num_workers: int | list = 1
+    elastic_resize_interval_s: float = _field(60.0, gt=0.0)  # how often Ray considers growing
     use_gpu: bool = False
     cpus_per_worker: float = _field(1.0, gt=0.0)
     # GPU model the workers need (Ray's accelerator_type:<T>, e.g. A100, A10G, T4); use_gpu only
@@ -170,6 +179,23 @@ class RayConfig:
     cache_train_split: bool | None = None
     balance_probe_passes: int = _field(3, ge=1)  # timed forward/backward passes per measurement
 
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if self.elastic else self.num_workers
+
+    @property
+    def scaling_workers(self) -> int | tuple[int, int]:
+        """What Ray Train's ScalingConfig(num_workers=...) takes."""
+        return (self.min_workers, self.max_workers) if self.elastic else self.num_workers
+
 
 @dataclass
 class DebugConfig:
@@ -184,6 +210,10 @@ class DebugConfig:
     hold_file: str = ""  # Ray workers wait before each step while this file exists
     probe_speeds: list[float] = field(default_factory=list)  # samples/s per rank reported by
     # ray.batch_balance=throughput instead of measuring them (tests: a decision without clocks)
+    step_sleep_s: float = _field(0.0, ge=0.0)  # Ray workers sleep this long after each step
+    # Ray workers read the train split in one order fixed by (train.seed, step), whatever the
+    # world size (equal local batches): a resize or resume then changes no batch (tests)
+    fixed_data_order: bool = False
 
 
 @dataclass

@@ -73,6 +73,7 @@ def sample(
     sample_steps: int | None = None,
     eta: float = 0.0,
     clamp: bool = True,
+    clamp_below: float = 1.0,
     noise_factor: float = 1.0,
     self_condition: bool = False,
     attention_mask: torch.Tensor | None = None,
@@ -105,7 +106,7 @@ def sample(
     for i, t in enumerate(timesteps):
         model_t = schedule.model_time(torch.full((shape[0],), t, device=device)).to(dtype)
         x0_hat = model(z, model_t, attention_mask, x0_hat if self_condition else None)
-        if clamp:
+        if clamp and t < clamp_below * schedule.num_steps:
             x0_hat = nearest_embedding(x0_hat, table)
         if i == len(timesteps) - 1:
             break

@@ -10,6 +10,8 @@ import torch
 
 
 class UniformSampler:
+    learns = False  # whether `update` uses the losses (a distributed step then gathers them)
+
     def __init__(self, num_steps: int):
         self.num_steps = num_steps
 
@@ -33,6 +35,8 @@ class LossSecondMomentSampler(UniformSampler):
     (improved-diffusion's LossSecondMomentResampler); uniform until every t has a full history.
     """
 
+    learns = True
+
     def __init__(self, num_steps: int, history: int = 10, uniform_prob: float = 0.001):
         super().__init__(num_steps)
         self.history, self.uniform_prob = history, uniform_prob
@@ -54,6 +58,7 @@ class LossSecondMomentSampler(UniformSampler):
         return t.to(device), weights.float().to(device)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Push each (t, loss) pair into t's ring buffer, in batch order."""
         for step, loss in zip(t.tolist(), losses.detach().double().cpu().tolist(), strict=True):
             self.losses[step, self.counts[step] % self.history] = loss
             self.counts[step] += 1

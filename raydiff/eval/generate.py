@@ -31,12 +31,13 @@ class SamplerSettings:
     eta: float
     clamp: bool
     precision: Literal["float32", "float64"] = "float32"  # of the model and the sampler's state
+    clamp_below: float = 1.0  # clamp only where t < clamp_below * T
 
     @classmethod
     def of(cls, cfg: DiffusionConfig, **overrides) -> SamplerSettings:
         """The checkpoint's own sampler settings, with any non-None override applied."""
         values = {"sampler": cfg.sampler, "steps": cfg.sample_steps, "eta": cfg.eta,
-                  "clamp": cfg.clamp}
+                  "clamp": cfg.clamp, "clamp_below": cfg.clamp_below}
         values |= {k: v for k, v in overrides.items() if v is not None}
         if values["sampler"] not in ("ddpm", "ddim"):
             raise RaydiffError(f"--sampler must be ddpm or ddim, got {values['sampler']!r}")
@@ -45,6 +46,8 @@ class SamplerSettings:
         if values.get("precision", "float32") not in ("float32", "float64"):
             raise RaydiffError(f"--precision must be float32 or float64, got "
                                f"{values['precision']!r}")
+        if not 0.0 < values["clamp_below"] <= 1.0:
+            raise RaydiffError(f"--clamp-below must be in (0, 1], got {values['clamp_below']}")
         if values["steps"] < 1:
             raise RaydiffError(f"--steps must be >= 1, got {values['steps']}")
         asked = overrides.get("steps")
@@ -58,6 +61,12 @@ class SamplerSettings:
 
     def model_calls(self, num_steps: int) -> int:
         return num_steps if self.sampler == "ddpm" else min(self.steps, num_steps)
+
+    def describe(self, num_steps: int) -> dict:
+        """What a run of these settings did, for JSON outputs (`steps`: the model calls)."""
+        return {"sampler": self.sampler, "steps": self.model_calls(num_steps), "eta": self.eta,
+                "clamp": self.clamp, "clamp_below": self.clamp_below,
+                "precision": self.precision}
 
 
 @dataclass
@@ -86,7 +95,8 @@ def generate(loaded: LoadedDiffusion, num_samples: int, settings: SamplerSetting
         out = sample(model, loaded.schedule,
                      (size, cfg.data.seq_len, cfg.model.embed_dim),
                      sampler=settings.sampler, sample_steps=settings.steps, eta=settings.eta,
-                     clamp=settings.clamp, noise_factor=cfg.diffusion.noise_factor,
+                     clamp=settings.clamp, clamp_below=settings.clamp_below,
+                     noise_factor=cfg.diffusion.noise_factor,
                      self_condition=cfg.diffusion.self_condition, generator=generator,
                      device=device)
         for row in out.tokens.tolist():  # (size, L)
@@ -102,8 +112,7 @@ def write_samples(path: str | Path, samples: list[GeneratedSample], settings: Sa
                   loaded: LoadedDiffusion, seed: int) -> None:
     """One JSON object per sample, the file written whole (`raydiff.files.write_atomic`)."""
     common = {"checkpoint": str(loaded.path), "step": loaded.step, "seed": seed,
-              "sampler": settings.sampler, "steps": settings.model_calls(
-                  loaded.schedule.num_steps), "eta": settings.eta, "clamp": settings.clamp}
+              **settings.describe(loaded.schedule.num_steps)}
     write_atomic(path, "".join(
         json.dumps({"index": i, "text": s.text, "num_tokens": len(s.token_ids),
                     "token_ids": s.token_ids} | common) + "\n" for i, s in enumerate(samples)))

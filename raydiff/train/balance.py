@@ -94,13 +94,20 @@ def gather_rows(row: Sequence[float], rank: int, world_size: int) -> torch.Tenso
     return rows
 
 
-def all_ranks_agree(flag: bool, world_size: int) -> bool:
-    """True when `flag` holds on every rank (a MIN all-reduce; one tiny collective)."""
+class StopRequested(Exception):
+    """A rank asked the group to stop (a preemption notice): every rank raises this before the
+    same step, so that all can checkpoint the state they share and end together."""
+
+
+def agree(has_rows: bool, stop: bool, world_size: int) -> tuple[bool, bool]:
+    """(every rank has its rows, some rank asks to stop): one tiny MAX all-reduce, the
+    collective each step runs before it starts."""
     if world_size == 1:
-        return flag
-    value = torch.tensor([int(flag)], dtype=torch.int32)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
+        return has_rows, stop
+    value = torch.tensor([int(not has_rows), int(stop)], dtype=torch.int32)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    missing, stopping = value.tolist()
+    return not missing, bool(stopping)
 
 
 class BalancedBatches:
@@ -110,14 +117,16 @@ class BalancedBatches:
     "equal", and follow the measured speeds (re-measured every `rebalance_every` steps, 0 =
     once) when it is "throughput". Every step all ranks agree that each has its rows; when one
     runs out, all start the next epoch together (dropping the others' tails), so no rank waits
-    in an all-reduce that another never joins.
+    in an all-reduce that another never joins. The same agreement carries `stop_requested`:
+    when it holds on any rank, every rank raises `StopRequested` before the step.
     """
 
     def __init__(self, stream, engine: Engine, global_batch: int, rank: int, world_size: int, *,
                  balance: str = "equal", shares: Sequence[float] = (), rebalance_every: int = 0,
                  probe_passes: int = 3,
                  on_rebalance: Callable[[int, list[float], list[int]], None] | None = None,
-                 measure: Callable[[Batch], float] | None = None):
+                 measure: Callable[[Batch], float] | None = None,
+                 stop_requested: Callable[[], bool] = lambda: False):
         self.stream, self.engine = stream, engine
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.balance, self.rebalance_every = balance, rebalance_every
@@ -128,6 +137,7 @@ class BalancedBatches:
                                                                        probe_passes))
         self.speeds: list[float] = []  # samples/s per rank, from the latest measurement
         self._measured_at: int | None = None
+        self.stop_requested = stop_requested
 
     def _due(self) -> bool:
         if self.balance != "throughput":
@@ -139,7 +149,10 @@ class BalancedBatches:
 
     def _rows(self, size: int) -> Batch:
         for _ in range(2):  # this epoch's rows, else the next epoch's
-            if all_ranks_agree(self.stream.has(size), self.world_size):
+            has_rows, stop = agree(self.stream.has(size), self.stop_requested(), self.world_size)
+            if stop:
+                raise StopRequested(f"stop requested before step {self.engine.step + 1}")
+            if has_rows:
                 return self.stream.take(size)
             self.stream.next_epoch()
         raise RaydiffError(f"a fresh epoch cannot fill a local batch of {size} rows on every "

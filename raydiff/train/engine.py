@@ -64,6 +64,18 @@ def apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer,
     return grad_norm
 
 
+def global_losses(local: torch.Tensor, offset: int, total: int) -> torch.Tensor:
+    """(total,) losses of the whole global batch from each worker's (local,) slice at
+    `offset`: one SUM all-reduce where a DDP group runs, `local` itself otherwise. A learning
+    timestep sampler must see the same losses on every worker, or their draws would part."""
+    if len(local) == total:
+        return local
+    out = torch.zeros(total, dtype=torch.float32, device=local.device)
+    out[offset:offset + len(local)] = local.float()
+    torch.distributed.all_reduce(out)
+    return out
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """A batch's ids and mask on `device`; to a GPU from pinned memory, without waiting."""
     cuda = device.type == "cuda"
@@ -154,7 +166,8 @@ class DiffusionEngine:
         loss = (terms.total * weights).mean()
         grad_norm = apply_gradients(self.model, self.optimizer, self.scaler, loss, loss_weight,
                                     self.cfg.optim.grad_clip, self.step)
-        self.timesteps.update(draws.t.to(self.device), terms.total)
+        if self.timesteps.learns:  # every worker learns from the whole global batch
+            self.timesteps.update(t_all, global_losses(terms.total.detach(), offset, total))
         lr = self.lr_schedule.get_last_lr()[0]
         self.lr_schedule.step()
         self.ema.update(self.model)

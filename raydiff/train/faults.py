@@ -1,10 +1,11 @@
 """Faults injected on purpose (the `debug` config section), for tests and benchmarks: a worker
 process that dies at a step, a training loss that turns NaN, a worker that computes slower, a
-worker that holds while a file exists.
-Nothing here runs unless a `debug.*` key asks for it."""
+worker that holds while a file exists, steps paced by a sleep, a data order that no resize
+changes. Nothing here runs unless a `debug.*` key asks for it."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,8 @@ import torch
 from torch import nn
 
 from raydiff.config import DebugConfig
-from raydiff.train.balance import PlacedBatch
+from raydiff.data.batches import iterate_batches
+from raydiff.train.balance import PlacedBatch, StopRequested, agree, placements, split_batch
 from raydiff.train.kinds import Engine
 
 
@@ -39,6 +41,32 @@ def hold_while_file_exists(batches: Iterator[PlacedBatch], path: Path,
         while path.exists():
             time.sleep(poll_s)
         yield placed
+
+
+def paced(batches: Iterator[PlacedBatch], seconds: float) -> Iterator[PlacedBatch]:
+    """Test hook (`debug.step_sleep_s`): sleep after each step, so that a test acting on a
+    cluster mid-run (removing a node, a SIGTERM) finds the run still going."""
+    for placed in batches:
+        yield placed
+        time.sleep(seconds)
+
+
+def fixed_order_batches(blocks: dict, engine: Engine, global_batch: int, rank: int,
+                        world_size: int, seed: int,
+                        stop_requested: Callable[[], bool]) -> Iterator[PlacedBatch]:
+    """Test hook (`debug.fixed_data_order`): the global batches local training takes (a pure
+    function of (seed, step), `iterate_batches`), from the step the engine resumed at, each
+    rank taking its slice of equal local batches. A run resumed on another world size then
+    sees exactly the batches an uninterrupted one does. The ranks agree on `stop_requested`
+    before each step as `BalancedBatches` does."""
+    sizes = split_batch(global_batch, [1.0] * world_size)
+    weight, total, offset = placements(sizes)[rank]
+    mine = slice(offset, offset + sizes[rank])
+    for batch in itertools.islice(iterate_batches(blocks, global_batch, seed=seed),
+                                  engine.step, None):
+        if agree(True, stop_requested(), world_size)[1]:
+            raise StopRequested(f"stop requested before step {engine.step + 1}")
+        yield PlacedBatch({k: v[mine] for k, v in batch.items()}, weight, total, offset)
 
 
 def poison_when_due(engine: Engine, step: int) -> None:

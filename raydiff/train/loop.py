@@ -3,6 +3,10 @@
 It knows nothing of Ray or of files: a `Reporter` receives every report (metrics, plus the
 engine state when a checkpoint is due on the chief worker). Every worker calls `report` equally
 often, which Ray Train's barrier-like `ray.train.report` requires.
+
+When the batches raise `StopRequested` (every rank before the same step: a preemption notice),
+the loop reports the last finished step, marked `preempted`, with a checkpoint unless that
+step has one already, and re-raises.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from raydiff.config import TrainConfig
 from raydiff.diffusion import Batch
-from raydiff.train.balance import PlacedBatch
+from raydiff.train.balance import PlacedBatch, StopRequested
 from raydiff.train.kinds import Engine
 
 
@@ -59,6 +63,15 @@ def _reports(step: int, cfg: TrainConfig) -> bool:
     return step % cfg.log_every == 0 or any(_due(step, cfg))
 
 
+def _window_metrics(window: dict, counts: dict[str, int], step: int,
+                    elapsed: float) -> dict[str, float]:
+    """A report's training metrics: the window's means, read from the device in one transfer,
+    and its tokens/s."""
+    window = host_values(window)
+    metrics = {k: v / counts[k] for k, v in window.items() if k != "tokens"}
+    return metrics | {"step": step, "tokens_per_s": window.get("tokens", 0.0) / max(elapsed, 1e-9)}
+
+
 def train_loop(engine: Engine, train_batches: Iterator[PlacedBatch],
                valid_batches: Callable[[], Iterable[Batch]], cfg: TrainConfig, reporter: Reporter,
                *, is_chief: bool = True) -> LoopResult:
@@ -67,10 +80,19 @@ def train_loop(engine: Engine, train_batches: Iterator[PlacedBatch],
     best, evals_since_best, stopped_early = math.inf, 0, False
     window: dict[str, float] = {}
     counts: dict[str, int] = {}  # steps that measured each metric (diagnostics: report steps)
-    window_start = time.perf_counter()
+    window_start = loop_start = time.perf_counter()
     metrics: dict[str, float] = {}
+    checkpointed = None  # the step of the last checkpoint reported
     while engine.step < cfg.max_steps:
-        placed = next(train_batches)
+        try:
+            placed = next(train_batches)
+        except StopRequested:
+            metrics = _window_metrics(window, counts, engine.step,
+                                      time.perf_counter() - window_start)
+            metrics = reporter.reduce(metrics | {"preempted": 1.0})
+            due = is_chief and checkpointed != engine.step
+            reporter.report(metrics, engine.state_dict() if due else None)
+            raise
         # raises on a NaN/inf loss (on every rank of a DDP group at the same step)
         step_metrics = engine.train_step(*placed, diagnostics=_reports(engine.step + 1, cfg))
         step_metrics["local_batch"] = len(placed.batch["input_ids"])
@@ -82,12 +104,11 @@ def train_loop(engine: Engine, train_batches: Iterator[PlacedBatch],
         do_eval, do_ckpt = _due(step, cfg)
         if not _reports(step, cfg):
             continue
-        window = host_values(window)  # the one device -> host read of this report
-        elapsed = time.perf_counter() - window_start
-        metrics = {k: v / counts[k] for k, v in window.items() if k != "tokens"}
-        metrics |= {"step": step, "tokens_per_s": window["tokens"] / max(elapsed, 1e-9)}
+        metrics = _window_metrics(window, counts, step, time.perf_counter() - window_start)
         if do_eval:
             metrics |= engine.evaluate(valid_batches(), use_ema=cfg.eval_ema)
+        if cfg.time_limit_s:
+            metrics["elapsed_s"] = time.perf_counter() - loop_start
         # every rank decides on the same numbers: devices of different types compute slightly
         # different validation losses, and ranks disagreeing about stopping would hang
         metrics = reporter.reduce(metrics)
@@ -98,8 +119,11 @@ def train_loop(engine: Engine, train_batches: Iterator[PlacedBatch],
                 evals_since_best += 1
             stopped_early = cfg.patience > 0 and evals_since_best >= cfg.patience
             metrics["best_val_loss"] = best
+        out_of_time = bool(cfg.time_limit_s) and metrics["elapsed_s"] >= cfg.time_limit_s
+        stopped_early = stopped_early or out_of_time
         do_ckpt = do_ckpt or stopped_early
         reporter.report(metrics, engine.state_dict() if do_ckpt and is_chief else None)
+        checkpointed = step if do_ckpt else checkpointed
         window, counts, window_start = {}, {}, time.perf_counter()
         if stopped_early:
             break

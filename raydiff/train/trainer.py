@@ -27,6 +27,7 @@ from raydiff.files import read_jsonl
 from raydiff.runtime import start_ray
 from raydiff.train.checkpoint import good_checkpoint, latest_checkpoint
 from raydiff.train.engine import NonFiniteLossError
+from raydiff.train.preemption import PreemptibleTorchConfig
 from raydiff.train.worker import STOPPED_FILE, WorkerArgs, worker_loop
 
 
@@ -43,28 +44,32 @@ def worker_resources(cfg: Config) -> dict[str, float]:
 
 
 def check_resources(cfg: Config) -> None:
-    """Fail at once, in one line, where Train would otherwise wait for resources forever."""
+    """Fail at once, in one line, where Train would otherwise wait for resources forever: the
+    workers (an elastic group's min workers) must fit the cluster."""
     import ray
 
     total = ray.cluster_resources()
+    count = cfg.ray.min_workers
+    prefix, workers = "", f"ray.num_workers={count}"
+    if cfg.ray.elastic:
+        prefix = f"ray.num_workers={cfg.ray.num_workers}: min workers do not fit the cluster: "
+        workers = str(count)
     for name, amount in cfg.ray.worker_resources.items():
-        if total.get(name, 0) < amount * cfg.ray.num_workers:
+        if total.get(name, 0) < amount * count:
             raise RaydiffError(
-                f"ray.worker_resources.{name}={amount:g} x ray.num_workers="
-                f"{cfg.ray.num_workers} needs {amount * cfg.ray.num_workers:g}; the cluster "
-                f"has {total.get(name, 0):g}")
+                f"{prefix}ray.worker_resources.{name}={amount:g} x {workers} needs "
+                f"{amount * count:g}; the cluster has {total.get(name, 0):g}")
     if cfg.ray.accelerator_type and not total.get(f"accelerator_type:{cfg.ray.accelerator_type}"):
         raise RaydiffError(f"ray.accelerator_type={cfg.ray.accelerator_type}: no node of the "
                            f"cluster has that GPU")
-    need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    need_cpu = count * cfg.ray.cpus_per_worker
     if need_cpu > total.get("CPU", 0):
         raise RaydiffError(
-            f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker="
-            f"{cfg.ray.cpus_per_worker} needs {need_cpu:g} CPUs; the cluster has "
-            f"{total.get('CPU', 0):g}")
-    if cfg.ray.use_gpu and cfg.ray.num_workers > total.get("GPU", 0):
-        raise RaydiffError(f"ray.use_gpu=true with ray.num_workers={cfg.ray.num_workers}, but the "
-                           f"cluster has {total.get('GPU', 0):g} GPUs")
+            f"{prefix}{workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} needs "
+            f"{need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g}")
+    if cfg.ray.use_gpu and count > total.get("GPU", 0):
+        raise RaydiffError(f"{prefix}ray.use_gpu=true with {workers} workers, but the cluster "
+                           f"has {total.get('GPU', 0):g} GPUs")
 
 
 def prepared_data(cfg: Config):
@@ -108,9 +113,11 @@ def build_trainer(cfg: Config, data_path: str, vocab_size: int, run_dir: Path, *
         train_loop_config={"args": WorkerArgs(cfg.to_dict(), kind, vocab_size, data_path,
                                               str(run_dir))},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            num_workers=cfg.ray.scaling_workers, use_gpu=cfg.ray.use_gpu,
             accelerator_type=cfg.ray.accelerator_type,
-            resources_per_worker=worker_resources(cfg)),
+            resources_per_worker=worker_resources(cfg),
+            elastic_resize_monitor_interval_s=cfg.ray.elastic_resize_interval_s),
+        torch_config=PreemptibleTorchConfig(),
         run_config=ray.train.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),

@@ -1,13 +1,23 @@
 """What runs on each Ray Train worker: build the engine (DDP through `prepare_model`: gloo on
 CPU, NCCL on GPU), resume from the run's newest good checkpoint, stream this worker's rows of
 the train split (`raydiff.train.ingest`, batches balanced by `raydiff.train.balance`), and run
-`raydiff.train.loop`, reporting through `ray.train.report` (checkpoints from rank 0)."""
+`raydiff.train.loop`, reporting through `ray.train.report` (checkpoints from rank 0).
+
+Everything here is derived from the world size of this (re)start, so that a checkpoint written
+by N workers resumes on M: `train.batch_size` is the global batch, re-split over the workers
+present; timesteps and noise are drawn for the global batch from a generator every worker
+shares (its state is in the checkpoint), as are the LR schedule, the EMA and the step count.
+A SIGTERM to any worker stops the group at the next step with a checkpoint
+(`raydiff.train.preemption`)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +27,8 @@ from raydiff.config import Config, build_config
 from raydiff.data.batches import chunk_batches
 from raydiff.data.prepared import read_split_blocks
 from raydiff.data.tokenizer import load_tokenizer
-from raydiff.files import append_jsonl
-from raydiff.train.balance import BalancedBatches, gather_rows
+from raydiff.files import append_jsonl, read_jsonl, write_atomic
+from raydiff.train.balance import BalancedBatches, PlacedBatch, StopRequested, gather_rows
 from raydiff.train.checkpoint import (
     CheckpointError,
     checkpoint_step,
@@ -29,10 +39,18 @@ from raydiff.train.checkpoint import (
     write_checkpoint_files,
 )
 from raydiff.train.engine import NonFiniteLossError
-from raydiff.train.faults import Throttle, crash_when_due, hold_while_file_exists, poison_when_due
+from raydiff.train.faults import (
+    Throttle,
+    crash_when_due,
+    fixed_order_batches,
+    hold_while_file_exists,
+    paced,
+    poison_when_due,
+)
 from raydiff.train.kinds import ENGINES
 from raydiff.train.loop import train_loop
 from raydiff.train.precision import group_precision, resolve_precision
+from raydiff.train.preemption import PreemptedError, notice_received
 
 # reported per worker (`<name>_rank<i>`) as well; tokens_per_s also summed, the rest averaged
 PER_WORKER_METRICS = ("tokens_per_s", "local_batch")
@@ -80,19 +98,30 @@ def worker_loop(config: dict) -> None:
 
     if cfg.debug.slow_rank == rank and cfg.debug.slow_factor > 1:
         Throttle(engine.model, cfg.debug.slow_factor)
-    stream = RowStream(ray.train.get_dataset_shard("train"), seed=cfg.train.seed + 1000 * rank)
-    train_batches = BalancedBatches(
-        stream, engine, cfg.train.batch_size, rank, world_size, balance=cfg.ray.batch_balance,
-        shares=cfg.ray.batch_shares, rebalance_every=cfg.ray.rebalance_every,
-        probe_passes=cfg.ray.balance_probe_passes,
-        on_rebalance=_balance_log(run_dir) if rank == 0 else None,
-        measure=(lambda batch: cfg.debug.probe_speeds[rank]) if cfg.debug.probe_speeds else None)
+    if cfg.debug.fixed_data_order:
+        train_batches = fixed_order_batches(
+            read_split_blocks(args.data_path, "train", cfg.data), engine, cfg.train.batch_size,
+            rank, world_size, cfg.train.seed, notice_received)
+    else:
+        # a shuffle of its own after every restart: a run preempted often must not see the
+        # head of its epoch again each time
+        stream = RowStream(ray.train.get_dataset_shard("train"),
+                           seed=cfg.train.seed + 1000 * rank + 7919 * engine.step)
+        train_batches = BalancedBatches(
+            stream, engine, cfg.train.batch_size, rank, world_size,
+            balance=cfg.ray.batch_balance, shares=cfg.ray.batch_shares,
+            rebalance_every=cfg.ray.rebalance_every, probe_passes=cfg.ray.balance_probe_passes,
+            on_rebalance=_balance_log(run_dir) if rank == 0 else None,
+            measure=(lambda batch: cfg.debug.probe_speeds[rank]) if cfg.debug.probe_speeds
+            else None, stop_requested=notice_received)
     if cfg.debug.nan_rank == rank and cfg.debug.nan_at_step:
         poison_when_due(engine, cfg.debug.nan_at_step)
     if cfg.debug.crash_at_step:
         train_batches = crash_when_due(train_batches, engine, cfg.debug, rank, run_dir)
     if cfg.debug.hold_file:
         train_batches = hold_while_file_exists(train_batches, Path(cfg.debug.hold_file))
+    if cfg.debug.step_sleep_s:
+        train_batches = paced(train_batches, cfg.debug.step_sleep_s)
     valid = read_split_blocks(args.data_path, "valid", cfg.data)
 
     def valid_batches():
@@ -100,9 +129,14 @@ def worker_loop(config: dict) -> None:
 
     record_placement(run_dir, rank, world_size, device)
     tokenizer = load_tokenizer(f"{args.data_path}/tokenizer")
-    reporter = RayReporter(cfg, run_dir, tokenizer, rank, world_size)
+    reporter = RayReporter(cfg, run_dir, tokenizer, rank, world_size, resumed_from=engine.step)
+    train_batches = reporter.started(train_batches)
     try:
         train_loop(engine, train_batches, valid_batches, cfg.train, reporter, is_chief=rank == 0)
+    except StopRequested:
+        raise PreemptedError(
+            f"rank {rank}: a worker of the group got SIGTERM; step {engine.step} is "
+            f"checkpointed and the group stops (Ray Train restarts it from there)") from None
     except NonFiniteLossError as error:
         # every rank raises at the same step (the guard reads all-reduced gradients); ending
         # normally rather than failing keeps FailureConfig from replaying the same NaN
@@ -133,11 +167,36 @@ def _resume_state(checkpoint, run_dir: Path) -> dict | None:
 
 class RayReporter:
     """Averages each report over the workers, appends it to metrics.jsonl (rank 0) and hands
-    it to `ray.train.report`, with the checkpoint when the chief has one."""
+    it to `ray.train.report`, with the checkpoint when the chief has one. Every report also
+    says which worker group made it: `world_size`, the step it resumed from and the wall time
+    its first step started (`group_started_at`: when its first batch was in hand, so that the
+    data stream's start-up counts as time without training), and the wall time of the report
+    (`time`); rank 0's also
+    says what the group before it left in metrics.jsonl (`steps_repeated`: its last logged
+    step past `resumed_from`; `idle_s`: from that row to this group's start; `after_preemption`:
+    whether that row was a preemption notice's). The driver logs each change of group from
+    these (`raydiff.train.monitor`)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, tokenizer, rank: int, world_size: int):
+    def __init__(self, cfg: Config, run_dir: Path, tokenizer, rank: int, world_size: int,
+                 resumed_from: int = 0):
         self.cfg, self.run_dir, self.tokenizer = cfg, run_dir, tokenizer
         self.rank, self.world_size = rank, world_size
+        self.group: dict[str, float] = {"world_size": world_size, "resumed_from": resumed_from}
+        logged = read_jsonl(run_dir / "metrics.jsonl") if rank == 0 else []
+        self._before = logged[-1] if logged and "time" in logged[-1] else None
+
+    def started(self, batches: Iterator[PlacedBatch]) -> Iterator[PlacedBatch]:
+        """`batches`, noting when the first one is in hand: this group's start."""
+        for placed in batches:
+            if "group_started_at" not in self.group:
+                self.group["group_started_at"] = now = time.time()
+                if self._before is not None:
+                    self.group |= {
+                        "steps_repeated": max(0, int(self._before["step"])
+                                              - int(self.group["resumed_from"])),
+                        "idle_s": now - self._before["time"],
+                        "after_preemption": float(bool(self._before.get("preempted")))}
+            yield placed
 
     def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         """Averages over the workers (tokens/s summed), plus each worker's own tokens/s and
@@ -148,15 +207,15 @@ class RayReporter:
         if self.world_size > 1:
             torch.distributed.all_reduce(shared)
             shared /= self.world_size
-        per_worker = gather_rows([metrics[k] for k in PER_WORKER_METRICS], self.rank,
+        per_worker = gather_rows([metrics.get(k, 0.0) for k in PER_WORKER_METRICS], self.rank,
                                  self.world_size)
         out = dict(zip(keys, shared.tolist(), strict=True)) | {"step": step}
         out["tokens_per_s"] = per_worker[:, 0].sum().item()
-        del out["local_batch"]
+        out.pop("local_batch", None)
         for rank, row in enumerate(per_worker.tolist()):
             out |= {f"{name}_rank{rank}": value
                     for name, value in zip(PER_WORKER_METRICS, row, strict=True)}
-        return out
+        return out | self.group | {"time": time.time()}
 
     def report(self, metrics: dict[str, float], checkpoint_state: dict | None) -> None:
         import ray.train
@@ -179,7 +238,7 @@ def record_placement(run_dir: Path, rank: int, world_size: int, device: torch.de
     import ray
 
     mine = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
-            "host": socket.gethostname(), "device": str(device),
+            "host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
             "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                             else "cpu")}
     everyone = [mine]
@@ -187,7 +246,7 @@ def record_placement(run_dir: Path, rank: int, world_size: int, device: torch.de
         everyone = [None] * world_size
         torch.distributed.all_gather_object(everyone, mine)
     if rank == 0:
-        (run_dir / "workers.json").write_text(json.dumps(everyone, indent=2))
+        write_atomic(run_dir / "workers.json", json.dumps(everyone, indent=2))
 
 
 def _balance_log(run_dir: Path):

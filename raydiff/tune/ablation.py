@@ -107,6 +107,9 @@ def run_ablation(cfg: Config | None = None, resume: str | Path | None = None,
     space = param_space(cfg.tune.search_space, cfg)  # validated before Ray starts
     if not space:
         raise ConfigError("tune.search_space is empty: nothing to sweep")
+    if cfg.ray.elastic:
+        raise ConfigError(f"ray.num_workers={cfg.ray.num_workers}: tune trials run fixed-size "
+                          f"worker groups; give one number")
     path = Path(cfg.tune.output_dir).expanduser().resolve() / cfg.train.run_name
     if resume is None and (path / BASE_CONFIG).exists():
         raise ConfigError(f"{path} holds an experiment already: continue it with "
