@@ -166,7 +166,9 @@ class RayConfig:
     # custom resources each worker holds, e.g. {"raydiff_slot": 1}; node types advertise them
     worker_resources: dict = _field({})
     storage_path: str | None = None  # where runs and checkpoints go; default train.output_dir
-    max_failures: int = _field(0, ge=0)  # worker-group restarts from the latest checkpoint
+    # worker-group restarts from the latest checkpoint (lost workers, preemption notices);
+    # -1: unlimited (preemptible clusters)
+    max_failures: int = _field(0, ge=-1)
     # How train.batch_size is split over the workers: "equal", or "throughput" (each worker's
     # share follows its measured samples/s: mixed GPU types). Fixed `batch_shares` (one
     # positive number per worker, e.g. [3, 1]) override both.

@@ -171,11 +171,10 @@ class RayReporter:
     says which worker group made it: `world_size`, the step it resumed from and the wall time
     its first step started (`group_started_at`: when its first batch was in hand, so that the
     data stream's start-up counts as time without training), and the wall time of the report
-    (`time`); rank 0's also
-    says what the group before it left in metrics.jsonl (`steps_repeated`: its last logged
-    step past `resumed_from`; `idle_s`: from that row to this group's start; `after_preemption`:
-    whether that row was a preemption notice's). The driver logs each change of group from
-    these (`raydiff.train.monitor`)."""
+    (`time`). Rank 0's also says what the group before it left in metrics.jsonl
+    (`steps_repeated`: its last logged step past `resumed_from`; `idle_s`: from that row to
+    this group's start; `after_preemption`: whether that row was a preemption notice's). The
+    driver logs each change of group from these (`raydiff.train.monitor`)."""
 
     def __init__(self, cfg: Config, run_dir: Path, tokenizer, rank: int, world_size: int,
                  resumed_from: int = 0):
