@@ -75,6 +75,11 @@ def test_requests_no_node_type_provides_fail_in_one_line(capsys):
                       aws)
     with pytest.raises(ClusterError, match=r"ray.num_workers=64: .* hold at most 40"):
         check_request(load_config(reuters, ["ray.use_gpu=true", "ray.num_workers=64"]), aws)
+    # an elastic range needs only its min workers to fit
+    check_request(load_config(reuters, ["ray.use_gpu=true", "ray.num_workers=[8, 64]"]), aws)
+    with pytest.raises(ClusterError, match=r"ray.num_workers=\[41, 64\]: .* hold at most 40"):
+        check_request(load_config(reuters, ["ray.use_gpu=true", "ray.num_workers=[41, 64]",
+                                            "train.batch_size=64"]), aws)
     # the same through the CLI: exit 2, one line
     code = cli.main(["cluster", "check", str(ROOT / "cluster" / "kuberay.yaml"), "--config",
                      str(ROOT / "configs" / "smoke.yaml"), "ray.worker_resources.tpu=1"])
