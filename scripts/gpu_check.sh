@@ -18,18 +18,7 @@ anchor=${ANCHOR:-$root/../shared/anchors/minimal-text-diffusion}
 mkdir -p "$out"
 failed=0
 
-step() {  # step NAME SECONDS CMD...: run CMD with a time limit, its stdout to $out/NAME.json
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name" >&2
-    if timeout "$limit" "$@" >"$out/$name.json" 2>"$out/$name.log"; then
-        return 0
-    fi
-    local rc=$?
-    printf '{"step": "%s", "error": "exit %s", "log": "%s.log"}\n' "$name" "$rc" "$name" \
-        >"$out/$name.json"
-    failed=$((failed + 1))
-}
+source "$root/scripts/steps.sh"  # step NAME SECONDS CMD...
 
 run_train() {  # a Ray Train smoke run; its last report as JSON
     local dir=$1

@@ -22,18 +22,7 @@ failed=0
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-step() {  # step NAME SECONDS CMD...: run CMD with a time limit, its stdout to $out/NAME.json
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name" >&2
-    if timeout "$limit" "$@" >"$out/$name.json" 2>"$out/$name.log"; then
-        return 0
-    fi
-    local rc=$?
-    printf '{"step": "%s", "error": "exit %s", "log": "%s.log"}\n' "$name" "$rc" "$name" \
-        >"$out/$name.json"
-    failed=$((failed + 1))
-}
+source "$root/scripts/steps.sh"  # step NAME SECONDS CMD...
 
 train() {  # train KIND RUN_NAME RUN_DIR OVERRIDES...: a --no-ray run; its last report as JSON
     local kind=$1 name=$2 dir=$3

@@ -38,3 +38,17 @@ def test_gpu_study_trains_both_losses_for_the_budget_and_evaluates_them(tmp_path
     anchor = json.loads((out / "train_anchor.json").read_text())["last"]
     assert anchor["ce"] == pytest.approx(anchor["anchor_ce"])  # each run optimised its own CE
     assert rounding["ce"] == pytest.approx(rounding["rounding_ce"])
+
+
+def test_a_failed_or_timed_out_step_is_recorded_and_counted(tmp_path):
+    """scripts/steps.sh (both GPU scripts' `step`): a step's stdout is its JSON; one that fails
+    or overruns its limit leaves a JSON naming its exit status (124: the time limit) and
+    counts in $failed, and the script goes on."""
+    script = (f'source "{ROOT}/scripts/steps.sh"; out="{tmp_path}"; failed=0; '
+              'step ok 5 echo \'{"a": 1}\'; step bad 5 false; step slow 1 sleep 5; '
+              'echo "$failed"')
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "2"
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
+    assert json.loads((tmp_path / "bad.json").read_text())["error"] == "exit 1"
+    assert json.loads((tmp_path / "slow.json").read_text())["error"] == "exit 124"
