@@ -101,6 +101,12 @@ def test_prepared_in_process_splits_do_not_share_articles_and_batches_cover_data
     again = np.concatenate([b["index"].numpy() for b in iterate_batches(indexed, 8, seed=0,
                                                                         epochs=1)])
     assert np.array_equal(first, again)
+    # a resumed run's `start` skips batches by arithmetic: the same batches as skipping them
+    for start in (0, 3, n // 8, n // 8 + 2):
+        skipped = [b["index"].numpy() for b in iterate_batches(indexed, 8, seed=0, epochs=2,
+                                                               start=start)]
+        assert len(skipped) == len(two) - start
+        assert all(np.array_equal(a, b) for a, b in zip(skipped, two[start:], strict=True))
     assert sum(len(b["input_ids"]) for b in chunk_batches(valid, 7)) == len(valid["input_ids"])
     assert prepare_local(cfg).reused
 

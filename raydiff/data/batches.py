@@ -12,21 +12,25 @@ from raydiff.data.storage import DataError
 
 
 def iterate_batches(blocks: dict[str, np.ndarray], batch_size: int, *, seed: int,
-                    shuffle: bool = True, epochs: int | None = None) -> Iterator[dict]:
+                    shuffle: bool = True, epochs: int | None = None,
+                    start: int = 0) -> Iterator[dict]:
     """Batches of `blocks`, reshuffled each epoch with (seed, epoch), each epoch's tail that
-    cannot fill a batch dropped. Infinite when epochs is None."""
+    cannot fill a batch dropped. Infinite when epochs is None. `start` skips that many batches
+    (a resumed run's steps) without building them: the order is a pure function of (seed,
+    batch index)."""
     import torch
 
     n = blocks["input_ids"].shape[0]
     if n < batch_size:
         raise DataError(f"{n} examples cannot fill one batch of {batch_size}")
-    epoch = 0
+    per_epoch = n // batch_size
+    epoch, skip = divmod(start, per_epoch)
     while epochs is None or epoch < epochs:
         order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
                  else np.arange(n))
-        for idx in order[:n // batch_size * batch_size].reshape(-1, batch_size):  # (steps, B)
+        for idx in order[:per_epoch * batch_size].reshape(-1, batch_size)[skip:]:  # (steps, B)
             yield {k: torch.from_numpy(v[idx]) for k, v in blocks.items()}
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 def chunk_batches(blocks: dict[str, np.ndarray], batch_size: int,

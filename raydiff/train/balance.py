@@ -99,15 +99,18 @@ class StopRequested(Exception):
     same step, so that all can checkpoint the state they share and end together."""
 
 
-def agree(has_rows: bool, stop: bool, world_size: int) -> tuple[bool, bool]:
-    """(every rank has its rows, some rank asks to stop): one tiny MAX all-reduce, the
-    collective each step runs before it starts."""
-    if world_size == 1:
-        return has_rows, stop
-    value = torch.tensor([int(not has_rows), int(stop)], dtype=torch.int32)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    missing, stopping = value.tolist()
-    return not missing, bool(stopping)
+def agree(has_rows: bool, stop: bool, world_size: int, step: int) -> bool:
+    """Whether every rank has its rows for the step after `step`; raises `StopRequested` on
+    every rank when any asks to stop. One tiny MAX all-reduce: the collective each step runs
+    before it starts."""
+    if world_size > 1:
+        value = torch.tensor([int(not has_rows), int(stop)], dtype=torch.int32)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        missing, stopping = value.tolist()
+        has_rows, stop = not missing, bool(stopping)
+    if stop:
+        raise StopRequested(f"stop requested before step {step + 1}")
+    return has_rows
 
 
 class BalancedBatches:
@@ -149,10 +152,8 @@ class BalancedBatches:
 
     def _rows(self, size: int) -> Batch:
         for _ in range(2):  # this epoch's rows, else the next epoch's
-            has_rows, stop = agree(self.stream.has(size), self.stop_requested(), self.world_size)
-            if stop:
-                raise StopRequested(f"stop requested before step {self.engine.step + 1}")
-            if has_rows:
+            if agree(self.stream.has(size), self.stop_requested(), self.world_size,
+                     self.engine.step):
                 return self.stream.take(size)
             self.stream.next_epoch()
         raise RaydiffError(f"a fresh epoch cannot fill a local batch of {size} rows on every "

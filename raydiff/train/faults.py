@@ -5,7 +5,6 @@ changes. Nothing here runs unless a `debug.*` key asks for it."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ from torch import nn
 
 from raydiff.config import DebugConfig
 from raydiff.data.batches import iterate_batches
-from raydiff.train.balance import PlacedBatch, StopRequested, agree, placements, split_batch
+from raydiff.train.balance import PlacedBatch, agree, placements, split_batch
 from raydiff.train.kinds import Engine
 
 
@@ -62,10 +61,8 @@ def fixed_order_batches(blocks: dict, engine: Engine, global_batch: int, rank: i
     sizes = split_batch(global_batch, [1.0] * world_size)
     weight, total, offset = placements(sizes)[rank]
     mine = slice(offset, offset + sizes[rank])
-    for batch in itertools.islice(iterate_batches(blocks, global_batch, seed=seed),
-                                  engine.step, None):
-        if agree(True, stop_requested(), world_size)[1]:
-            raise StopRequested(f"stop requested before step {engine.step + 1}")
+    for batch in iterate_batches(blocks, global_batch, seed=seed, start=engine.step):
+        agree(True, stop_requested(), world_size, engine.step)
         yield PlacedBatch({k: v[mine] for k, v in batch.items()}, weight, total, offset)
 
 

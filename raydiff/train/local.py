@@ -6,7 +6,6 @@ good checkpoint.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,9 +101,8 @@ def train_local(cfg: Config, console: Console | None = None, kind: str = "diffus
         engine.load_state_dict(load_state(resume_from))
 
     # the data order is a pure function of (seed, step): skip what the resumed run consumed
-    train_batches = map(PlacedBatch, itertools.islice(
-        iterate_batches(splits["train"], cfg.train.batch_size, seed=cfg.train.seed),
-        engine.step, None))
+    train_batches = map(PlacedBatch, iterate_batches(
+        splits["train"], cfg.train.batch_size, seed=cfg.train.seed, start=engine.step))
     valid = splits["valid"] if len(splits["valid"]["input_ids"]) else splits["train"]
 
     def valid_batches():

@@ -5,7 +5,7 @@ graceful preemption repeats no step; Ray Train then restarts the group from that
 
 Ray Train runs the training function in a thread of each worker actor, and Python sets signal
 handlers only from a process's main thread, where the actor's own tasks run. The backend of
-`PreemptibleTorchConfig` therefore installs the handler through the worker group (one task per
+`preemptible_torch_config()` therefore installs the handler through the worker group (one task per
 worker) when training starts. The handler only sets a flag; the ranks agree on it in the
 collective they already run before every step (`raydiff.train.balance.agree`), so every rank
 stops before the same step.
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import signal
 import threading
-
-from ray.train.torch import TorchConfig
 
 _notice = threading.Event()
 
@@ -35,15 +33,19 @@ def notice_received() -> bool:
     return _notice.is_set()
 
 
-class _PreemptibleBackend(TorchConfig().backend_cls):
-    def on_training_start(self, worker_group, backend_config) -> None:
-        super().on_training_start(worker_group, backend_config)
-        worker_group.execute(listen_for_sigterm)
+def preemptible_torch_config():
+    """A `TorchConfig`: torch's process-group setup, plus the SIGTERM notice on every worker
+    (installed by its backend when training starts)."""
+    from ray.train.torch import TorchConfig
 
+    class PreemptibleBackend(TorchConfig().backend_cls):
+        def on_training_start(self, worker_group, backend_config) -> None:
+            super().on_training_start(worker_group, backend_config)
+            worker_group.execute(listen_for_sigterm)
 
-class PreemptibleTorchConfig(TorchConfig):
-    """Torch's process-group setup, plus the SIGTERM notice on every worker."""
+    class PreemptibleTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return PreemptibleBackend
 
-    @property
-    def backend_cls(self):
-        return _PreemptibleBackend
+    return PreemptibleTorchConfig()

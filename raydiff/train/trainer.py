@@ -27,7 +27,7 @@ from raydiff.files import read_jsonl
 from raydiff.runtime import start_ray
 from raydiff.train.checkpoint import good_checkpoint, latest_checkpoint
 from raydiff.train.engine import NonFiniteLossError
-from raydiff.train.preemption import PreemptibleTorchConfig
+from raydiff.train.preemption import preemptible_torch_config
 from raydiff.train.worker import STOPPED_FILE, WorkerArgs, worker_loop
 
 
@@ -117,7 +117,7 @@ def build_trainer(cfg: Config, data_path: str, vocab_size: int, run_dir: Path, *
             accelerator_type=cfg.ray.accelerator_type,
             resources_per_worker=worker_resources(cfg),
             elastic_resize_monitor_interval_s=cfg.ray.elastic_resize_interval_s),
-        torch_config=PreemptibleTorchConfig(),
+        torch_config=preemptible_torch_config(),
         run_config=ray.train.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
