@@ -17,8 +17,8 @@ Starts a `ray.cluster_utils.Cluster` (a CPU-less head and two worker nodes, each
 Prints one JSON object: per event, the seconds from the event to the new group's first step,
 the steps repeated and tokens/s before, during and after (from the run's metrics.jsonl and
 resizes.jsonl), and the run directory. `--quick` paces tiny steps with `debug.step_sleep_s`
-(tokens/s then mean nothing) so that tests/test_elastic.py can check the behaviour in a
-minute or two. Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (set to 15 s here, 60 s by
+(tokens/s then mean nothing), prepares the data in one process and has the GCS detect a dead
+node in about 1.5 s, so that tests/test_elastic.py can check the behaviour in a minute or two. Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (set to 15 s here, 60 s by
 default) before giving up on a group size the cluster no longer has: a lost node still counts
 in Ray's resource view until its death is detected. The controller polls the workers every
 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (0.25 s here, 2 s by default), and a worker's report waits
@@ -119,6 +119,7 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from raydiff.config import load_config
+    from raydiff.data.local import prepare_local
     from raydiff.train.trainer import train_on_ray
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-elastic-")).resolve()
@@ -140,15 +141,21 @@ def main() -> None:
                       "model.intermediate_size=512",
                       "model.num_layers=2", "train.batch_size=64"]
 
+    # --quick: the GCS declares a dead node dead after 3 missed checks 0.5 s apart (Ray's
+    # defaults: 5 at 3 s, 15 s or more with the node gone)
+    system = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "dashboard_agent_listen_port": free_port(),
-        "metrics_export_port": free_port(), "runtime_env_agent_port": free_port()})
+        "metrics_export_port": free_port(), "runtime_env_agent_port": free_port(),
+        **({"_system_config": system} if args.quick else {})})
     result: dict = {}
     try:
         nodes = [cluster.add_node(**node_args()) for _ in range(2)]
         cluster.wait_for_nodes()
         cfg = load_config(ROOT / "configs" / "smoke.yaml",
                           [f"ray.address={cluster.address}", *overrides])
+        if args.quick:  # the data in one process: a fresh cluster's first Ray Data run is slow
+            prepare_local(cfg.data)
         run_dir = out / "runs" / cfg.train.run_name
         metrics = run_dir / "metrics.jsonl"
         ended = threading.Event()
@@ -171,8 +178,8 @@ def main() -> None:
         events = []
         wait_for(trained(2, phase), "training at world size 2", 300, ended)
         node_b = nodes[1].node_id
-        victim = next(w for w in json.loads((run_dir / "workers.json").read_text())
-                      if w["node_id"] == node_b)
+        first_group = json.loads((run_dir / "workers.json").read_text())
+        victim = next(w for w in first_group if w["node_id"] == node_b)
         events.append(("graceful preemption (SIGTERM, node kept)", time.time()))
         os.kill(victim["pid"], signal.SIGTERM)
         wait_for(trained(2, phase, since=events[-1][1]),
@@ -198,6 +205,7 @@ def main() -> None:
         if "error" in result:
             raise result["error"]
         print(json.dumps({"run_dir": str(run_dir), "max_steps": steps,
+                          "first_group_nodes": len({w["node_id"] for w in first_group}),
                           "final_step": result["run"].metrics.get("step"),
                           "events": [summarise(name, at, run_dir) for name, at in events]},
                          indent=1))

@@ -8,8 +8,9 @@
 # on, so one failure keeps the others' numbers; the exit status is the number of failed steps.
 #
 #   scripts/gpu_check.sh          # on the GPU machine
-#   scripts/gpu_check.sh --cpu    # a dry run of every step at tiny sizes on the CPU (tests)
-# $RAY_ADDRESS, when set, is the cluster the training step joins (else it starts a local Ray).
+#   scripts/gpu_check.sh --cpu    # a dry run of every step at tiny sizes on the CPU (tests;
+#                                 # the training step there in one process, without Ray)
+# $RAY_ADDRESS, when set, is the cluster the GPU training step joins (else it starts a local Ray).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$PWD/gpu_check}
@@ -44,8 +45,9 @@ if [[ ${1:-} == --cpu ]]; then
         step bench_step_anchor 300 "$python" "$root/scripts/bench_step.py" --device cpu \
             --configs smoke --steps 2 --warmup 1 --rounds 1 --anchor "$anchor"
     fi
-    step ray_train 300 bash -c 'run_train "$@"' _ "$work/train" train.max_steps=4 train.eval_every=4 \
-        train.checkpoint_every=4 train.log_every=2 ray.use_gpu=false
+    # in one process: the dry run checks this script, tests/test_ray_train.py Ray Train on CPUs
+    step ray_train 300 bash -c 'run_train "$@"' _ "$work/train" --no-ray train.max_steps=4 \
+        train.eval_every=4 train.checkpoint_every=4 train.log_every=2
     step bench_sample 300 "$python" "$root/scripts/bench_sample.py" --device cpu \
         --train-steps 10 --num-samples 4 --batch-size 4 --steps 20 --threads 1
 else

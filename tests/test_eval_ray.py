@@ -40,7 +40,7 @@ def test_reference_lm_on_ray_train_and_eval_of_a_prepared_directory(ray_session,
         "train.checkpoint_every": 10, "data.synthetic_size": 200,
         "data.out_dir": str(tmp_path / "data"), "ray.num_workers": 2,
         "reference.hidden_size": 32, "reference.num_layers": 1})
-    diffusion = train_on_ray(cfg)
+    diffusion = train_local(cfg)  # the diffusion model on Ray Train: tests/test_ray_train.py
     reference = train_on_ray(apply_overrides(cfg, {"train.run_name": "smoke-reference"}),
                              kind="reference")
     reports = [json.loads(x) for x in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]

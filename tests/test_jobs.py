@@ -1,5 +1,5 @@
-"""`ray job submit` of the smoke training to a real head node started with `ray start` on
-127.0.0.1; the cluster is stopped afterwards by its own process ids (never `ray stop`, which
+"""`ray job submit` of the smoke training to a real two-node cluster started with `ray start`
+on 127.0.0.1; the cluster is stopped afterwards by its own process ids (never `ray stop`, which
 would kill every Ray cluster on the host)."""
 
 import contextlib
@@ -69,7 +69,7 @@ def _alive_nodes(address: str) -> int:
 
 
 class _Cluster:
-    """A head (2 CPUs) and optionally a second node (1 CPU) on 127.0.0.1 from `ray start`, each
+    """A head (2 CPUs) and then a second node (1 CPU) on 127.0.0.1 from `ray start`, each
     advertising one `raydiff_slot`, every node in its own process group so that it can be
     killed by group. Each node's `ray start` output goes to a log in the cluster's temp dir."""
 
@@ -145,11 +145,11 @@ class _Cluster:
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture(params=[False], ids=["head"])
-def ray_head(request):
-    """A running cluster (with a second node when the parameter is true). A head that exits
-    while starting is retried with fresh ports (a port found free can still be taken before
-    Ray binds it); the error names the reason from `ray start`'s own output."""
+@pytest.fixture
+def ray_cluster():
+    """A running two-node cluster. A head that exits while starting is retried with fresh ports
+    (a port found free can still be taken before Ray binds it); the error names the reason from
+    `ray start`'s own output."""
     for _attempt in range(3):
         cluster = _Cluster()
         try:
@@ -162,44 +162,30 @@ def ray_head(request):
     else:
         raise RuntimeError(f"the Ray head exited three times; last: {cluster.failure()}")
     try:
-        if request.param:
-            cluster.add_node()
+        cluster.add_node()
         yield {"address": cluster.address, "env": cluster.env}
     finally:
         cluster.stop()
 
 
 @pytest.mark.timeout(420)
-def test_job_submit_trains_and_checkpoints(ray_head, tmp_path):
+def test_job_submit_trains_checkpoints_and_spreads_workers_over_two_nodes(ray_cluster, tmp_path):
+    """`python -m raydiff.train` as a job: it succeeds, reports and checkpoints. Each node
+    advertises one raydiff_slot and each worker asks for one: the two DDP workers can only run
+    one per node."""
     out, data = tmp_path / "runs", tmp_path / "data"
     proc = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", str(ROOT),
+        [RAY, "job", "submit", "--address", ray_cluster["address"], "--working-dir", str(ROOT),
          "--", sys.executable, "-m", "raydiff.train", "--config", "configs/smoke.yaml",
          f"train.output_dir={out}", f"data.out_dir={data}", "train.max_steps=20",
-         "train.eval_every=20", "train.checkpoint_every=20", "train.log_every=10"],
-        env=ray_head["env"], capture_output=True, text=True, timeout=360)
+         "train.eval_every=20", "train.checkpoint_every=20", "train.log_every=10",
+         "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.worker_resources.raydiff_slot=1"],
+        env=ray_cluster["env"], capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout.lower()
-    assert (out / "smoke" / "step_00000020" / "state.pt").exists()
-    steps = [json.loads(line)["step"] for line in (out / "smoke" / "metrics.jsonl").open()]
-    assert steps == [10, 20]
-
-
-@pytest.mark.timeout(420)
-@pytest.mark.parametrize("ray_head", [True], ids=["two-nodes"], indirect=True)
-def test_job_submit_spreads_workers_over_two_nodes(ray_head, tmp_path):
-    """Each node advertises one raydiff_slot and each worker asks for one: the two DDP workers
-    can only run one per node."""
-    out, data = tmp_path / "runs", tmp_path / "data"
-    proc = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", str(ROOT),
-         "--", sys.executable, "-m", "raydiff.train", "--config", "configs/smoke.yaml",
-         f"train.output_dir={out}", f"data.out_dir={data}", "train.max_steps=10",
-         "train.eval_every=10", "train.checkpoint_every=10", "train.log_every=10",
-         "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.worker_resources.raydiff_slot=1"],
-        env=ray_head["env"], capture_output=True, text=True, timeout=360)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     workers = json.loads((out / "smoke" / "workers.json").read_text())
     assert sorted(w["rank"] for w in workers) == [0, 1]
     assert len({w["node_id"] for w in workers}) == 2  # one worker on each node
-    assert (out / "smoke" / "step_00000010" / "state.pt").exists()
+    assert (out / "smoke" / "step_00000020" / "state.pt").exists()
+    steps = [json.loads(line)["step"] for line in (out / "smoke" / "metrics.jsonl").open()]
+    assert steps == [10, 20]

@@ -172,6 +172,11 @@ def test_collapse_is_flagged_at_the_first_evaluation_after_the_table_shrinks(smo
     assert all(r["emb_collapsed"] == 0.0 and r["emb_scale_ratio"] > 0.5 for r in evals(healthy))
     assert all(r["emb_effective_rank"] > 1 for r in evals(healthy))
 
+    # a trial that Tune stops ends with the row of its SIGTERM, a training row: the row keeps
+    # the diagnostics of the last evaluation and the step of the last row
+    last_eval = evals(healthy)[-1]
+    with open(healthy.run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 43, "loss": 1.0, "preempted": 1.0}) + "\n")
     runs = tmp_path / "experiment" / "runs"
     runs.mkdir(parents=True)
     results = []
@@ -183,6 +188,9 @@ def test_collapse_is_flagged_at_the_first_evaluation_after_the_table_shrinks(smo
     by_name = {r["trial"]: r for r in rows}
     assert by_name["shrunk"]["collapsed"] and by_name["shrunk"]["collapsed_at_step"] == 20
     assert not by_name["healthy"]["collapsed"] and by_name["healthy"]["collapsed_at_step"] is None
+    assert by_name["healthy"]["steps"] == 43
+    for key in ("emb_scale_ratio", "emb_norm_ratio", "emb_effective_rank"):
+        assert by_name["healthy"][key] == last_eval[key]
 
 
 def test_step_metrics_stay_on_the_device_until_the_report(smoke_cfg):

@@ -43,6 +43,9 @@ def trial_rows(experiment) -> list[dict]:
         best = better(evals, key=lambda r: r[t.metric]) if evals else {}
         last = reports[-1] if reports else {}
         steps = int(last.get("step", 0))
+        # the embedding diagnostics of the last evaluation: a trial that Tune stops ends with
+        # the row of its SIGTERM (train/preemption.py), a training row without them
+        diagnosed = next((r for r in reversed(reports) if "emb_norm_mean" in r), {})
         metrics = result.metrics or {}
         row = {"trial": name} | dict(sorted(result.config.items())) | {
             "status": "error" if result.error else "done",
@@ -55,10 +58,10 @@ def trial_rows(experiment) -> list[dict]:
             # at abar = 1/2, the same noise level for every schedule: comparable across them
             "val_mse_abar50": best.get("val_mse_abar50", math.nan),
             "val_token_accuracy_abar50": best.get("val_token_accuracy_abar50", math.nan),
-            "emb_norm_mean": last.get("emb_norm_mean", math.nan),
-            "emb_norm_ratio": last.get("emb_norm_ratio", math.nan),
-            "emb_scale_ratio": last.get("emb_scale_ratio", math.nan),
-            "emb_effective_rank": last.get("emb_effective_rank", math.nan),
+            "emb_norm_mean": diagnosed.get("emb_norm_mean", math.nan),
+            "emb_norm_ratio": diagnosed.get("emb_norm_ratio", math.nan),
+            "emb_scale_ratio": diagnosed.get("emb_scale_ratio", math.nan),
+            "emb_effective_rank": diagnosed.get("emb_effective_rank", math.nan),
             # the collapse rule (eval.metrics.is_collapsed) at any evaluation, and the first
             "collapsed_at_step": _first_step(reports, "emb_collapsed", lambda v: v >= 1),
             "starts": _count_lines(run_dir / "starts.log"),

@@ -1,8 +1,10 @@
-"""Run by tests/test_multinode.py in its own process: a `ray.cluster_utils.Cluster` with a
-CPU-less head (the driver) and two worker nodes, `prepare` of a corpus on it, then Ray's State
-API: which nodes ran the tasks of each operator. Prints one JSON line."""
+"""Run by tests/test_multinode.py in its own process (the test session's Ray is a different
+cluster): a `ray.cluster_utils.Cluster` with a CPU-less head (the driver) and two worker nodes,
+`prepare` of a corpus on it, then Ray's State API: which nodes ran the tasks of each operator.
+Prints one JSON line."""
 
 import json
+import socket
 import sys
 import time
 from collections import defaultdict
@@ -15,7 +17,18 @@ from ray.util.state import list_tasks
 from raydiff.config import load_config
 from raydiff.data.pipeline import prepare
 from raydiff.runtime import idle_workers_kept
-from tests.helpers.multinode_run import agent_ports, free_port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_ports() -> dict:
+    # the defaults are taken whenever another Ray runs on the host (the test session's)
+    return {"dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port(),
+            "runtime_env_agent_port": free_port()}
 
 
 def finished_tasks(timeout_s: float = 60) -> dict[str, set[str]]:
