@@ -14,15 +14,18 @@ hundreds of times slower than fp32); --force-bf16 runs it anyway.
 --anchor times the reference code base's own training step (minimal-text-diffusion, through
 ../shared/tools/mtd_bench.py in a subprocess, so none of its code lives here) and raydiff's at
 the same model, batch and device, alternating round by round, and prints both and their ratio.
-Each config is timed as the plain step (every diagnostic on every step, `speedup_vs_eager` 1),
-as the step the training loop takes between reports (no diagnostics), and with --compile MODE
-also compiled (`train.compile=MODE`, timed after its compilation, whose seconds are reported),
-all in the same run.
+Each config is timed as the plain step (transformers' BertEncoder, the denoiser's encoder until
+session 10, and every diagnostic on every step: `speedup_vs_eager` 1), with raydiff's own BERT
+layers (raydiff.model.encoder), as the step the training loop takes between reports (no
+diagnostics), and with --compile MODE also compiled (`train.compile=MODE`, timed after its
+compilation, whose seconds are reported): all in the same run, alternating over `--rounds`
+rounds of `--steps` steps, each variant's step time the median of its rounds' medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -35,6 +38,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from raydiff.config import Config, apply_overrides, load_config
+from raydiff.model import denoiser
 from raydiff.train.engine import DiffusionEngine
 from raydiff.train.precision import native_bf16
 
@@ -60,46 +64,96 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_config(cfg: Config, name: str, precision: str, device: torch.device, steps: int,
-                 warmup: int, diagnostics: bool = False) -> dict:
-    """Median step time of `steps` optimizer steps after `warmup` (and, compiled, after the
-    first step, which compiles). `diagnostics=False` is the step the training loop takes
-    between reports; True, the report step (and every step before this round)."""
-    vocab = cfg.data.vocab_size
-    B, L = cfg.train.batch_size, cfg.data.seq_len
-    engine = DiffusionEngine(cfg, vocab, device, precision=precision)
-    gen = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(2, vocab, (B, L), generator=gen),
-             "attention_mask": torch.ones(B, L, dtype=torch.long)}
-    start = time.perf_counter()
-    engine.train_step(batch)
-    _sync(device)
-    first_step_s = time.perf_counter() - start
-    step_flops = None
-    if cfg.train.compile == "off":
-        with FlopCounterMode(display=False) as counter:
-            engine.train_step(batch)
-        step_flops = counter.get_total_flops()
-    for _ in range(warmup):
-        engine.train_step(batch, diagnostics=diagnostics)
-    times = []
-    for _ in range(steps):
-        _sync(device)
+class BertLayers(torch.nn.Module):
+    """transformers' BertEncoder behind raydiff's encoder interface: the denoiser's encoder
+    until session 10 (raydiff.model.encoder computes the same layers), for the baseline row."""
+
+    def __init__(self, hidden_size, num_layers, num_heads, intermediate_size, dropout):
+        super().__init__()
+        from transformers import BertConfig
+        from transformers.models.bert.modeling_bert import BertEncoder
+        self.bert = BertEncoder(BertConfig(
+            hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            intermediate_size=intermediate_size, hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout, attn_implementation="sdpa"))
+
+    def forward(self, h, mask=None):
+        return self.bert(h, attention_mask=mask).last_hidden_state
+
+
+@contextlib.contextmanager
+def bert_encoder(use: bool):
+    """Denoisers built inside take `BertLayers` as their encoder (when `use`)."""
+    original = denoiser.Encoder
+    denoiser.Encoder = BertLayers if use else original
+    try:
+        yield
+    finally:
+        denoiser.Encoder = original
+
+
+class Timed:
+    """One variant of the step (config, precision, encoder, diagnostics): its engine, built and
+    warmed up once (compiled, the first step compiles), then timed in rounds (`time`)."""
+
+    def __init__(self, cfg: Config, name: str, precision: str, device: torch.device,
+                 warmup: int, diagnostics: bool = False, bert: bool = False):
+        self.name, self.precision, self.device = name, precision, device
+        self.cfg, self.diagnostics, self.bert = cfg, diagnostics, bert
+        vocab = cfg.data.vocab_size
+        B, L = cfg.train.batch_size, cfg.data.seq_len
+        with bert_encoder(bert):
+            self.engine = DiffusionEngine(cfg, vocab, device, precision=precision)
+        gen = torch.Generator().manual_seed(0)
+        self.batch = {"input_ids": torch.randint(2, vocab, (B, L), generator=gen),
+                      "attention_mask": torch.ones(B, L, dtype=torch.long)}
         start = time.perf_counter()
-        engine.train_step(batch, diagnostics=diagnostics)
+        self.engine.train_step(self.batch)
         _sync(device)
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    return {
-        "config": name, "precision": precision, "compile": cfg.train.compile,
-        "diagnostics": diagnostics, "batch": B,
-        "seq_len": L, "vocab": vocab, "hidden": cfg.model.hidden_size,
-        "layers": cfg.model.num_layers, "embed_dim": cfg.model.embed_dim,
-        "params": sum(p.numel() for p in engine.model.parameters()),
-        "first_step_s": first_step_s, "step_s": step_s, "tokens_per_s": B * L / step_s,
-        "flops_per_step": step_flops,
-        "achieved_flops": step_flops / step_s if step_flops else None,
-    }
+        self.first_step_s = time.perf_counter() - start
+        self.flops = None
+        if cfg.train.compile == "off":
+            with FlopCounterMode(display=False) as counter:
+                self.engine.train_step(self.batch)
+            self.flops = counter.get_total_flops()
+        for _ in range(warmup):
+            self.engine.train_step(self.batch, diagnostics=diagnostics)
+        self.medians: list[float] = []
+
+    def time(self, steps: int) -> float:
+        """Times `steps` steps; appends and returns their median."""
+        times = []
+        for _ in range(steps):
+            _sync(self.device)
+            start = time.perf_counter()
+            self.engine.train_step(self.batch, diagnostics=self.diagnostics)
+            _sync(self.device)
+            times.append(time.perf_counter() - start)
+        self.medians.append(statistics.median(times))
+        return self.medians[-1]
+
+    def row(self) -> dict:
+        cfg, B, L = self.cfg, self.cfg.train.batch_size, self.cfg.data.seq_len
+        step_s = statistics.median(self.medians)
+        return {
+            "config": self.name, "precision": self.precision, "compile": cfg.train.compile,
+            "diagnostics": self.diagnostics, "encoder": "bert" if self.bert else "raydiff",
+            "batch": B, "seq_len": L, "vocab": cfg.data.vocab_size,
+            "hidden": cfg.model.hidden_size, "layers": cfg.model.num_layers,
+            "embed_dim": cfg.model.embed_dim,
+            "params": sum(p.numel() for p in self.engine.model.parameters()),
+            "first_step_s": self.first_step_s, "step_s": step_s, "round_step_s": self.medians,
+            "tokens_per_s": B * L / step_s, "flops_per_step": self.flops,
+            "achieved_flops": self.flops / step_s if self.flops else None,
+        }
+
+
+def bench_config(cfg: Config, name: str, precision: str, device: torch.device, steps: int,
+                 warmup: int) -> dict:
+    """One variant, one round: the default step between reports."""
+    timed = Timed(cfg, name, precision, device, warmup)
+    timed.time(steps)
+    return timed.row()
 
 
 def mtd_step(anchor: Path, cfg: Config, device: torch.device, steps: int, warmup: int) -> dict:
@@ -154,7 +208,7 @@ def main() -> None:
     parser.add_argument("--compile", default=None, help="also time train.compile=<mode>")
     parser.add_argument("--anchor", type=Path, default=None,
                         help="minimal-text-diffusion checkout: time its step beside ours")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --steps per variant")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,12 +236,18 @@ def main() -> None:
                 results.append({"config": name, "precision": "bf16", "skipped":
                                 "no native bf16 on this device (see matmul_flops.bf16)"})
                 continue
-            # the first row is the plain step (diagnostics on every step, as before this round)
-            variants = [("off", True), ("off", False)] + (
-                [(args.compile, False)] if args.compile else [])
-            timed = [bench_config(apply_overrides(base, {"train.compile": mode}), name,
-                                  precision, device, args.steps, args.warmup, diagnostics)
-                     for mode, diagnostics in variants]
+            # the first row is the plain step: BertEncoder and every diagnostic on every step,
+            # as before session 8; the variants alternate round by round
+            variants = [("off", True, True), ("off", True, False), ("off", False, False)] + (
+                [(args.compile, False, False)] if args.compile else [])
+            engines = [Timed(apply_overrides(base, {"train.compile": mode}), name, precision,
+                             device, args.warmup, diagnostics, bert)
+                       for mode, diagnostics, bert in variants]
+            for _ in range(args.rounds):
+                for engine in engines:
+                    engine.time(args.steps)
+            timed = [engine.row() for engine in engines]
+            del engines
             for r in timed:
                 flops = r["achieved_flops"] or (timed[0]["flops_per_step"] / r["step_s"])
                 r["mfu"] = flops / peak[precision] if peak[precision] else None

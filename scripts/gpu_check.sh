@@ -40,7 +40,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 if [[ ${1:-} == --cpu ]]; then
     step bench_step 300 "$python" "$root/scripts/bench_step.py" --device cpu --configs smoke \
-        --precisions fp32 --steps 2 --warmup 1 --compile default
+        --precisions fp32 --steps 2 --warmup 1 --rounds 1 --compile default
     if [[ -d $anchor ]]; then
         step bench_step_anchor 300 "$python" "$root/scripts/bench_step.py" --device cpu \
             --configs smoke --steps 2 --warmup 1 --rounds 1 --anchor "$anchor"
@@ -53,7 +53,7 @@ if [[ ${1:-} == --cpu ]]; then
 else
     step bench_step 150 "$python" "$root/scripts/bench_step.py" --device cuda \
         --configs smoke tune/ablation-small reuters --precisions fp32 bf16 --steps 20 \
-        --warmup 5 --compile reduce-overhead
+        --warmup 5 --rounds 2 --compile reduce-overhead
     step bench_step_anchor 120 "$python" "$root/scripts/bench_step.py" --device cuda \
         --configs tune/ablation-small reuters --steps 20 --warmup 5 --rounds 2 --anchor "$anchor"
     step ray_train 120 bash -c 'run_train "$@"' _ "$work/train" train.max_steps=200 ray.use_gpu=true \

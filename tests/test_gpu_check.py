@@ -26,10 +26,12 @@ def test_gpu_check_dry_run_writes_every_steps_json(tmp_path):
     assert done.returncode == 0, (done.stderr[-2000:], logs)
 
     step = json.loads((out / "bench_step.json").read_text())
-    eager, lean, compiled = step["results"]
-    assert [(r["compile"], r["diagnostics"]) for r in step["results"]] == [
-        ("off", True), ("off", False), ("default", False)]
-    assert eager["tokens_per_s"] > 0 and lean["tokens_per_s"] > 0 and compiled["tokens_per_s"] > 0
+    eager, layers, lean, compiled = step["results"]
+    assert [(r["compile"], r["diagnostics"], r["encoder"]) for r in step["results"]] == [
+        ("off", True, "bert"), ("off", True, "raydiff"), ("off", False, "raydiff"),
+        ("default", False, "raydiff")]
+    assert all(r["tokens_per_s"] > 0 and len(r["round_step_s"]) == 1 for r in step["results"])
+    assert eager["flops_per_step"] == layers["flops_per_step"]  # the same model, other code
     assert compiled["speedup_vs_eager"] == pytest.approx(eager["step_s"] / compiled["step_s"])
     assert eager["flops_per_step"] > 0 and 0 < eager["mfu"] < 1
 

@@ -1,6 +1,6 @@
 """The x0-parameterised denoiser of embedding-space diffusion (docs/design.md §3).
 
-    z_t (B, L, d) --up--> (B, L, H) + pos + time --norm, dropout--> BERT encoder --down--> x0hat
+    z_t (B, L, d) --up--> (B, L, H) + pos + time --norm, dropout--> BERT layers --down--> x0hat
 
 One embedding table E (V, d) is both the diffusion space (z0 = E[w]) and the output head
 (logits = x @ E^T + bias), so the rounding/anchor losses and the diffusion share parameters.
@@ -13,10 +13,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig
-from transformers.models.bert.modeling_bert import BertEncoder
 
 from raydiff.config import ModelConfig
+from raydiff.model.encoder import Encoder
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -53,16 +52,8 @@ class Denoiser(nn.Module):
         self.input_norm = (nn.LayerNorm(h, elementwise_affine=cfg.embed_norm_affine)
                            if cfg.embed_norm == "after_proj" else nn.Identity())
         self.dropout = nn.Dropout(cfg.dropout)
-        self.encoder = BertEncoder(BertConfig(
-            hidden_size=h,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
-            max_position_embeddings=seq_len,
-            attn_implementation="sdpa",  # PyTorch's fused scaled-dot-product attention
-        ))
+        self.encoder = Encoder(h, cfg.num_layers, cfg.num_heads, cfg.intermediate_size,
+                               cfg.dropout)  # BERT's layers
         self.down_proj = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, d))
         self.time_embed_dim = dt
 
@@ -120,5 +111,5 @@ class Denoiser(nn.Module):
             dtype = (torch.get_autocast_dtype(h.device.type)
                      if torch.is_autocast_enabled(h.device.type) else h.dtype)
             mask = additive_attention_mask(attention_mask, dtype)  # (B, 1, 1, L)
-        h = self.encoder(h, attention_mask=mask).last_hidden_state  # (B, L, H)
+        h = self.encoder(h, mask)  # (B, L, H)
         return self.down_proj(h)  # (B, L, d)

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from raydiff.config import ReferenceConfig
 
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
+
 
 def build_reference_lm(cfg: ReferenceConfig, vocab_size: int, seq_len: int) -> GPT2LMHeadModel:
+    # imported here: transformers' GPT-2 takes ~3 s to import on a small CPU, which every Ray
+    # Train worker (and every restart of one) would otherwise pay to train the diffusion model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=seq_len, n_embd=cfg.hidden_size,
         n_layer=cfg.num_layers, n_head=cfg.num_heads, resid_pdrop=cfg.dropout,
