@@ -4,10 +4,11 @@ transformers' `BertEncoder` computes them, in a few tensor operations per layer.
     a   = LN(h + Dropout(W_o MHA(h)))           MHA: softmax(q k^T / sqrt(d_head) + mask) v
     out = LN(a + Dropout(W_2 gelu(W_1 a)))
 
-Query, key and value come from one (3H, H) projection. At the sizes raydiff trains on a CPU a
-step is mostly per-module Python and dispatch (docs/benchmarks.md), which these layers keep to
-a minimum. Weights saved from a `BertEncoder` (raydiff's checkpoints before this module) load
-unchanged: `load_state_dict` maps their names and concatenates their query, key and value.
+Query, key and value come from one (3H, H) projection. At the sizes raydiff trains on a CPU,
+what a layer costs beyond its kernels is a visible share of the step (docs/benchmarks.md);
+these layers keep it small. Weights saved from a `BertEncoder` (raydiff's checkpoints before
+this module) load unchanged: `load_state_dict` maps their names and concatenates their query,
+key and value.
 """
 
 from __future__ import annotations
@@ -75,15 +76,13 @@ def _from_bert_names(state: dict, prefix: str, *_args) -> None:
     layers = {key[len(old):].split(".", 1)[0] for key in state if key.startswith(old)}
     for i in sorted(layers):
         at, to = f"{old}{i}.", f"{prefix}layers.{i}."
-        names = {f"{at}attention.self.{n}.{kind}": (n, kind)
-                 for n in ("query", "key", "value") for kind in ("weight", "bias")}
-        names |= {f"{at}{bert}.{kind}": (mine, kind)
-                  for bert, mine in _BERT_NAMES.items() for kind in ("weight", "bias")}
-        if not all(name in state for name in names):
+        qkv = {kind: [f"{at}attention.self.{n}.{kind}" for n in ("query", "key", "value")]
+               for kind in ("weight", "bias")}
+        renames = {f"{at}{bert}.{kind}": f"{to}{mine}.{kind}"
+                   for bert, mine in _BERT_NAMES.items() for kind in ("weight", "bias")}
+        if not all(key in state for key in [*qkv["weight"], *qkv["bias"], *renames]):
             continue
-        for kind in ("weight", "bias"):
-            state[f"{to}qkv.{kind}"] = torch.cat(
-                [state.pop(f"{at}attention.self.{n}.{kind}") for n in ("query", "key", "value")])
-        for name, (mine, kind) in names.items():
-            if name in state:
-                state[f"{to}{mine}.{kind}"] = state.pop(name)
+        for kind, keys in qkv.items():
+            state[f"{to}qkv.{kind}"] = torch.cat([state.pop(key) for key in keys])
+        for bert_key, key in renames.items():
+            state[key] = state.pop(bert_key)
