@@ -18,8 +18,9 @@ Prints one JSON object: per event, the seconds from the event to the new group's
 the steps repeated and tokens/s before, during and after (from the run's metrics.jsonl and
 resizes.jsonl), and the run directory. `--quick` paces tiny steps with `debug.step_sleep_s`
 (tokens/s then mean nothing), prepares the data in one process and has the GCS detect a dead
-node in about 1.5 s, so that tests/test_elastic.py can check the behaviour in a minute or two. Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (set to 15 s here, 60 s by
-default) before giving up on a group size the cluster no longer has: a lost node still counts
+node in about 1.5 s, so that tests/test_elastic.py can check the behaviour in a minute or two.
+Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (set to 15 s here, 60 s by default)
+before giving up on a group size the cluster no longer has: a lost node still counts
 in Ray's resource view until its death is detected. The controller polls the workers every
 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (0.25 s here, 2 s by default), and a worker's report waits
 for the poll: this run reports every step.

@@ -23,9 +23,7 @@ LAYER_NORM_EPS = 1e-12  # BERT's
 class EncoderLayer(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int,
                  dropout: float):
-        super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden size {hidden_size} is not a multiple of {num_heads} heads")
+        super().__init__()  # heads dividing the width: checked with the config (config/load.py)
         self.num_heads, self.dropout = num_heads, dropout
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.attn_out = nn.Linear(hidden_size, hidden_size)

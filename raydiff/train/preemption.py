@@ -5,8 +5,8 @@ graceful preemption repeats no step; Ray Train then restarts the group from that
 
 Ray Train runs the training function in a thread of each worker actor, and Python sets signal
 handlers only from a process's main thread, where the actor's own tasks run. The backend of
-`preemptible_torch_config()` therefore installs the handler through the worker group (one task per
-worker) when training starts. The handler only sets a flag; the ranks agree on it in the
+`preemptible_torch_config()` therefore installs the handler through the worker group (one task
+per worker) when training starts. The handler only sets a flag; the ranks agree on it in the
 collective they already run before every step (`raydiff.train.balance.agree`), so every rank
 stops before the same step.
 """
