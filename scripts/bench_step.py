@@ -15,11 +15,15 @@ hundreds of times slower than fp32); --force-bf16 runs it anyway.
 ../shared/tools/mtd_bench.py in a subprocess, so none of its code lives here) and raydiff's at
 the same model, batch and device, alternating round by round, and prints both and their ratio.
 Each config is timed as the plain step (transformers' BertEncoder, the denoiser's encoder until
-session 10, and every diagnostic on every step: `speedup_vs_eager` 1), with raydiff's own BERT
-layers (raydiff.model.encoder), as the step the training loop takes between reports (no
-diagnostics), and with --compile MODE also compiled (`train.compile=MODE`, timed after its
-compilation, whose seconds are reported): all in the same run, alternating over `--rounds`
-rounds of `--steps` steps, each variant's step time the median of its rounds' medians.
+session 10, the cross-entropy over materialised (N, V) logits, as until session 11, and every
+diagnostic on every step: `speedup_vs_eager` 1), with raydiff's own BERT layers
+(raydiff.model.encoder), then also with the chunked tied-head cross-entropy
+(raydiff.model.head_ce), as the step the training loop takes between reports (no diagnostics),
+and with --compile MODE also compiled (`train.compile=MODE`, timed after its compilation, whose
+seconds are reported): all in the same run, alternating over `--rounds` rounds of `--steps`
+steps, each variant's step time the median of its rounds' medians, and `paired_speedup` the
+median over rounds of the plain step's time over the variant's. MFU counts the plain step's
+FLOPs (the model's), not the chunked head's recomputed logits.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from raydiff.config import Config, apply_overrides, load_config
@@ -92,18 +98,31 @@ def bert_encoder(use: bool):
         denoiser.Encoder = original
 
 
+def materialised_token_ce(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """`Denoiser.token_ce` as it was until session 11: F.cross_entropy over the (B, L, V)
+    logits, for the baseline rows."""
+    logits = x @ self.embedding_table().t() + self.lm_bias
+    flat = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten(), reduction="none")
+    return flat.view(input_ids.shape)
+
+
 class Timed:
-    """One variant of the step (config, precision, encoder, diagnostics): its engine, built and
-    warmed up once (compiled, the first step compiles), then timed in rounds (`time`)."""
+    """One variant of the step (config, precision, encoder, head, diagnostics): its engine,
+    built and warmed up once (compiled, the first step compiles), then timed in rounds."""
 
     def __init__(self, cfg: Config, name: str, precision: str, device: torch.device,
-                 warmup: int, diagnostics: bool = False, bert: bool = False):
+                 warmup: int, diagnostics: bool = False, bert: bool = False,
+                 chunked_head: bool = True):
         self.name, self.precision, self.device = name, precision, device
         self.cfg, self.diagnostics, self.bert = cfg, diagnostics, bert
+        self.chunked_head = chunked_head
         vocab = cfg.data.vocab_size
         B, L = cfg.train.batch_size, cfg.data.seq_len
         with bert_encoder(bert):
             self.engine = DiffusionEngine(cfg, vocab, device, precision=precision)
+        if not chunked_head:
+            model = self.engine.model
+            model.token_ce = types.MethodType(materialised_token_ce, model)
         gen = torch.Generator().manual_seed(0)
         self.batch = {"input_ids": torch.randint(2, vocab, (B, L), generator=gen),
                       "attention_mask": torch.ones(B, L, dtype=torch.long)}
@@ -138,6 +157,7 @@ class Timed:
         return {
             "config": self.name, "precision": self.precision, "compile": cfg.train.compile,
             "diagnostics": self.diagnostics, "encoder": "bert" if self.bert else "raydiff",
+            "head": "chunked" if self.chunked_head else "logits",
             "batch": B, "seq_len": L, "vocab": cfg.data.vocab_size,
             "hidden": cfg.model.hidden_size, "layers": cfg.model.num_layers,
             "embed_dim": cfg.model.embed_dim,
@@ -236,22 +256,27 @@ def main() -> None:
                 results.append({"config": name, "precision": "bf16", "skipped":
                                 "no native bf16 on this device (see matmul_flops.bf16)"})
                 continue
-            # the first row is the plain step: BertEncoder and every diagnostic on every step,
-            # as before session 8; the variants alternate round by round
-            variants = [("off", True, True), ("off", True, False), ("off", False, False)] + (
-                [(args.compile, False, False)] if args.compile else [])
+            # the first row is the plain step: BertEncoder, materialised logits and every
+            # diagnostic on every step, as before session 8; the variants alternate by round
+            variants = [("off", True, True, False), ("off", True, False, False),
+                        ("off", True, False, True), ("off", False, False, True)] + (
+                [(args.compile, False, False, True)] if args.compile else [])
             engines = [Timed(apply_overrides(base, {"train.compile": mode}), name, precision,
-                             device, args.warmup, diagnostics, bert)
-                       for mode, diagnostics, bert in variants]
+                             device, args.warmup, diagnostics, bert, chunked)
+                       for mode, diagnostics, bert, chunked in variants]
             for _ in range(args.rounds):
                 for engine in engines:
                     engine.time(args.steps)
             timed = [engine.row() for engine in engines]
             del engines
-            for r in timed:
-                flops = r["achieved_flops"] or (timed[0]["flops_per_step"] / r["step_s"])
-                r["mfu"] = flops / peak[precision] if peak[precision] else None
+            for r in timed:  # model FLOPs: the plain step's count
+                r["mfu"] = (timed[0]["flops_per_step"] / r["step_s"] / peak[precision]
+                            if peak[precision] else None)
                 r["speedup_vs_eager"] = timed[0]["step_s"] / r["step_s"]
+                # paired by round (the variants of one round ran back to back): steadier than
+                # the ratio of medians on a shared host whose speed drifts within minutes
+                pairs = zip(timed[0]["round_step_s"], r["round_step_s"], strict=True)
+                r["paired_speedup"] = statistics.median(plain / s for plain, s in pairs)
             results.extend(timed)
     print(json.dumps(header | {"native_bf16": bf16_native, "matmul_flops": peak,
                                "results": results}, indent=2))

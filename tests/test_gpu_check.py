@@ -26,13 +26,18 @@ def test_gpu_check_dry_run_writes_every_steps_json(tmp_path):
     assert done.returncode == 0, (done.stderr[-2000:], logs)
 
     step = json.loads((out / "bench_step.json").read_text())
-    eager, layers, lean, compiled = step["results"]
-    assert [(r["compile"], r["diagnostics"], r["encoder"]) for r in step["results"]] == [
-        ("off", True, "bert"), ("off", True, "raydiff"), ("off", False, "raydiff"),
-        ("default", False, "raydiff")]
+    eager, layers, chunked, lean, compiled = step["results"]
+    assert [(r["compile"], r["diagnostics"], r["encoder"], r["head"])
+            for r in step["results"]] == [
+        ("off", True, "bert", "logits"), ("off", True, "raydiff", "logits"),
+        ("off", True, "raydiff", "chunked"), ("off", False, "raydiff", "chunked"),
+        ("default", False, "raydiff", "chunked")]
     assert all(r["tokens_per_s"] > 0 and len(r["round_step_s"]) == 1 for r in step["results"])
     assert eager["flops_per_step"] == layers["flops_per_step"]  # the same model, other code
+    assert chunked["flops_per_step"] > layers["flops_per_step"]  # the backward recomputes logits
     assert compiled["speedup_vs_eager"] == pytest.approx(eager["step_s"] / compiled["step_s"])
+    assert eager["paired_speedup"] == 1 and lean["paired_speedup"] == pytest.approx(
+        eager["round_step_s"][0] / lean["round_step_s"][0])
     assert eager["flops_per_step"] > 0 and 0 < eager["mfu"] < 1
 
     train = json.loads((out / "ray_train.json").read_text())

@@ -145,6 +145,9 @@ class _OracleOfCleanEmbedding(torch.nn.Module):
     def logits(self, x):
         return self.net.logits(x)
 
+    def token_ce(self, x, ids):
+        return self.net.token_ce(x, ids)
+
     def forward(self, z_t, t, mask=None, self_cond=None):
         return self.net.embed(self.ids)
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from raydiff.diffusion.forward import perturb_embedding, q_sample
 from raydiff.diffusion.schedules import NoiseSchedule
@@ -45,12 +44,6 @@ class LossTerms:
     rounding_ce: torch.Tensor | None = None
     anchor_ce: torch.Tensor | None = None
     token_accuracy: torch.Tensor | None = None  # argmax(logits(x0hat)) == w
-
-
-def _token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, L, V), (B, L) -> (B, L) cross-entropy, computed in float32 over contiguous rows."""
-    flat = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten(), reduction="none")
-    return flat.view(input_ids.shape)
 
 
 @dataclass(frozen=True)
@@ -124,15 +117,14 @@ def diffusion_losses(model: torch.nn.Module, schedule: NoiseSchedule, batch: Bat
     anchor_ce = rounding_ce = token_accuracy = None
     if spec.loss == "anchor" or diagnostics:
         with torch.set_grad_enabled(spec.loss == "anchor" and torch.is_grad_enabled()):
-            x0_logits = net.logits(x0_hat)  # (B, L, V)
-            anchor_ce = masked_mean(_token_ce(x0_logits, input_ids), attention_mask)
-        if diagnostics:
-            with torch.no_grad():
-                correct = (x0_logits.argmax(dim=-1) == input_ids).float()
-                token_accuracy = masked_mean(correct, attention_mask)
+            anchor_ce = masked_mean(net.token_ce(x0_hat, input_ids), attention_mask)
     if spec.loss == "rounding" or diagnostics:
         with torch.set_grad_enabled(spec.loss == "rounding" and torch.is_grad_enabled()):
-            rounding_ce = masked_mean(_token_ce(net.logits(z0), input_ids), attention_mask)
+            rounding_ce = masked_mean(net.token_ce(z0, input_ids), attention_mask)
+    if diagnostics:
+        with torch.no_grad():
+            correct = (net.logits(x0_hat).argmax(dim=-1) == input_ids).float()  # (B, L)
+            token_accuracy = masked_mean(correct, attention_mask)
     ce = {"rounding": rounding_ce, "anchor": anchor_ce}.get(spec.loss)
     ce = torch.zeros_like(mse) if ce is None else ce
     with torch.no_grad():

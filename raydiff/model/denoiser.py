@@ -16,6 +16,7 @@ from torch import nn
 
 from raydiff.config import ModelConfig
 from raydiff.model.encoder import Encoder
+from raydiff.model.head_ce import tied_head_ce
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -82,7 +83,13 @@ class Denoiser(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The tied output head.   (B, L, d) -> (B, L, V)"""
-        return x @ self.embedding_table().t() + self.lm_bias
+        return torch.addmm(self.lm_bias, x.flatten(0, -2), self.embedding_table().t()).unflatten(
+            0, x.shape[:-1])
+
+    def token_ce(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """CE(logits(x), w) per token in float32, without the (B, L, V) logits.
+        (B, L, d), (B, L) -> (B, L)"""
+        return tied_head_ce(x, self.embedding_table(), self.lm_bias, input_ids)
 
     # ----------------------------------------------------------------- the network
 
