@@ -3,14 +3,16 @@
 AllSides) copied K times, every copy made distinct, prepared on a local Ray of `--cpus` CPUs.
 
     python scripts/bench_data.py --scale 1 4 10 60 [--cpus 2] [--object-store-mb 200]
-                                 [--baseline] [--cold]
+                                 [--baseline] [--cold] [--repeat R]
 
 Per size: input MB (uncompressed JSON Lines), wall and work seconds (the manifest's timings:
 Ray's start-up and a warm-up job that starts its worker processes are apart), MB/s per core,
 the driver's peak RSS (`resource.getrusage` in the driver process), the Ray worker processes'
 memory (sampled every 0.2 s: the largest RSS of one worker, and the largest sum of their PSS),
 what Ray spilled to disk, segments written. `--baseline` adds the same stages in one process without Ray
-(`raydiff.data.local`), `--cold` the end-to-end `raydiff prepare` command in a fresh process.
+(`raydiff.data.local`), `--cold` the end-to-end `raydiff prepare` command in a fresh process,
+`--repeat R` R - 1 more runs of the same prepare in the same Ray (`repeat_work_s`, and MB/s per
+core from their median): the first run still starts worker processes that the warm-up did not.
 
 Copy k of an article has the id `<id>#c<k>` and the word `q<k>` before every point where the
 segmenter may cut and at the end of every line, so that no segment of one copy equals one of
@@ -25,6 +27,7 @@ import gzip
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,7 +97,7 @@ from ray.data.aggregate import Sum
 from raydiff.config import load_config
 from raydiff.runtime import start_ray
 
-source, cpus, store_mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+source, cpus, store_mb, repeat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 t0 = time.perf_counter()
 start_ray("local", num_cpus=cpus, include_dashboard=False,
           object_store_memory=store_mb * 2**20 if store_mb else None)
@@ -134,17 +137,23 @@ def sample():
 threading.Thread(target=sample, daemon=True).start()
 
 from raydiff.data.pipeline import prepare
-with tempfile.TemporaryDirectory() as out:
-    cfg = load_config(None, [f"data.source={source}", f"data.out_dir={out}"]).data
-    t1 = time.perf_counter()
-    m = prepare(cfg).manifest
-    wall = time.perf_counter() - t1
+again = []  # the work seconds of each repeat: the same prepare in the same, now warm, Ray
+for i in range(repeat):
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(None, [f"data.source={source}", f"data.out_dir={out}"]).data
+        t1 = time.perf_counter()
+        run = prepare(cfg).manifest
+        if i == 0:
+            m, wall = run, time.perf_counter() - t1
+        else:
+            again.append(sum(run["timings"].values()))
 stop.set()
 summary = ray._private.internal_api.memory_summary(stats_only=True)
 spilled = [line for line in summary.splitlines() if "Spilled" in line]
 print("RESULT" + json.dumps({
     "ray_startup_s": startup, "wall_s": wall, "work_s": sum(m["timings"].values()),
-    "timings": m["timings"], "segments": m["segments"], "articles": m["articles"],
+    "timings": m["timings"], "repeat_work_s": again,
+    "segments": m["segments"], "articles": m["articles"],
     "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "worker_peak_rss_mb": peak["max_worker"] / 2**20,
     "workers_peak_pss_sum_mb": peak["sum_workers"] / 2**20,
@@ -199,6 +208,8 @@ def main() -> None:
     parser.add_argument("--object-store-mb", type=int, default=0, help="0: Ray's default")
     parser.add_argument("--baseline", action="store_true")
     parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="prepare this many times in one Ray; the repeats' work apart")
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "raydiff-bench"))
     args = parser.parse_args()
     if not (SHARED / CORPORA[0]).exists():
@@ -208,8 +219,11 @@ def main() -> None:
         corpus, mb = build_corpus(scale, Path(args.work_dir))
         row = {"scale": scale, "input_mb": round(mb, 1), "cpus": args.cpus,
                "object_store_mb": args.object_store_mb or "default"}
-        ray = _run(RAY_RUN, str(corpus), str(args.cpus), str(args.object_store_mb))
+        ray = _run(RAY_RUN, str(corpus), str(args.cpus), str(args.object_store_mb),
+                   str(args.repeat))
         row |= ray | {"mb_per_s_per_core": mb / ray["work_s"] / args.cpus}
+        if ray["repeat_work_s"]:
+            row["repeat_mb_per_s_per_core"] = mb / statistics.median(ray["repeat_work_s"]) / args.cpus
         if args.baseline:
             base = _run(BASELINE_RUN, str(corpus))
             row["baseline_one_process"] = base | {"mb_per_s": mb / base["work_s"]}
