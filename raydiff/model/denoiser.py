@@ -83,8 +83,8 @@ class Denoiser(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The tied output head.   (B, L, d) -> (B, L, V)"""
-        return torch.addmm(self.lm_bias, x.flatten(0, -2), self.embedding_table().t()).unflatten(
-            0, x.shape[:-1])
+        flat = torch.addmm(self.lm_bias, x.flatten(0, -2), self.embedding_table().t())
+        return flat.unflatten(0, x.shape[:-1])  # the bias added inside the product
 
     def token_ce(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """CE(logits(x), w) per token in float32, without the (B, L, V) logits.
