@@ -50,7 +50,7 @@ def test_values_and_gradients_equal_the_materialised_cross_entropy(monkeypatch, 
     torch.testing.assert_close(gb, ((probs - onehot) * upstream[:, None]).sum(0))
 
 
-def test_only_the_gradients_asked_for_are_computed():
+def test_with_only_x_needing_a_gradient_it_is_right_and_in_xs_dtype():
     x, weight, bias, target, upstream = _inputs()
     xg = x.clone().requires_grad_()
     (tied_head_ce(xg, weight.float(), bias.float(), target) * upstream).sum().backward()
