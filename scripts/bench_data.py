@@ -6,13 +6,14 @@ AllSides) copied K times, every copy made distinct, prepared on a local Ray of `
                                  [--baseline] [--cold] [--repeat R]
 
 Per size: input MB (uncompressed JSON Lines), wall and work seconds (the manifest's timings:
-Ray's start-up and a warm-up job that starts its worker processes are apart), MB/s per core,
-the driver's peak RSS (`resource.getrusage` in the driver process), the Ray worker processes'
-memory (sampled every 0.2 s: the largest RSS of one worker, and the largest sum of their PSS),
-what Ray spilled to disk, segments written. `--baseline` adds the same stages in one process without Ray
+Ray's start-up and a warm-up `prepare` of a small generated corpus, which starts the worker
+processes of every pool the pipeline uses, are apart), MB/s per core, the driver's peak RSS
+(`resource.getrusage` in the driver process), the Ray worker processes' memory (sampled every
+0.2 s: the largest RSS of one worker, and the largest sum of their PSS), what Ray spilled to
+disk, segments written. `--baseline` adds the same stages in one process without Ray
 (`raydiff.data.local`), `--cold` the end-to-end `raydiff prepare` command in a fresh process,
 `--repeat R` R - 1 more runs of the same prepare in the same Ray (`repeat_work_s`, and MB/s per
-core from their median): the first run still starts worker processes that the warm-up did not.
+core from their median).
 
 Copy k of an article has the id `<id>#c<k>` and the word `q<k>` before every point where the
 segmenter may cut and at the end of every line, so that no segment of one copy equals one of
@@ -93,7 +94,6 @@ RAY_RUN = r"""
 import json, os, resource, sys, tempfile, threading, time
 import ray, ray.data
 from ray.data import DataContext
-from ray.data.aggregate import Sum
 from raydiff.config import load_config
 from raydiff.runtime import start_ray
 
@@ -102,13 +102,13 @@ t0 = time.perf_counter()
 start_ray("local", num_cpus=cpus, include_dashboard=False,
           object_store_memory=store_mb * 2**20 if store_mb else None)
 DataContext.get_current().enable_progress_bars = False
-# a warm-up job through a map, a hash shuffle and a write: it starts Ray Data's actors and the
-# worker processes of each pool, and imports raydiff there
-def warm(batch):
-    import raydiff.data.stages  # noqa: F401
-    return {"k": batch["id"] % 3, "v": batch["id"]}
-(ray.data.range(64, override_num_blocks=2 * cpus).map_batches(warm)
- .groupby("k", num_partitions=2 * cpus).aggregate(Sum("v")).materialize())
+from raydiff.data.pipeline import prepare
+# a warm-up: `prepare` of a small generated corpus, through every stage and pool of the real
+# one (it starts Ray Data's actors and the worker processes of each pool, and imports raydiff
+# and builds its character tables there)
+with tempfile.TemporaryDirectory() as out:
+    prepare(load_config(None, ["data.source=synthetic", "data.synthetic_size=4000",
+                               f"data.out_dir={out}"]).data)
 startup = time.perf_counter() - t0
 
 peak = {"max_worker": 0, "sum_workers": 0}
@@ -136,7 +136,6 @@ def sample():
             peak["sum_workers"] = max(peak["sum_workers"], sum(p for _, p in found))
 threading.Thread(target=sample, daemon=True).start()
 
-from raydiff.data.pipeline import prepare
 again = []  # the work seconds of each repeat: the same prepare in the same, now warm, Ray
 for i in range(repeat):
     with tempfile.TemporaryDirectory() as out:

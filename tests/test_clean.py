@@ -114,3 +114,24 @@ def test_cached_tables_equal_freshly_built_ones(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("RAYDIFF_CACHE", str(tmp_path))
     assert CharTables.build(True, True) == built  # a damaged cache is rebuilt
+
+
+def test_text_of_characters_that_are_their_own_nfkc_is_its_own_nfkc():
+    """What lets `split_words` skip normalizing a segment without an UNVERIFIED character (one
+    that NFKC changes alone, a mark, a jamo, an unassigned code point): NFKC could still change
+    such a string only by reordering characters of a non-zero combining class, or by composing
+    a character with the next one. Every character of the first kind is a mark; every second
+    character of a canonical composition is a mark or a conjoining jamo."""
+    import unicodedata
+
+    def jamo(c: int) -> bool:
+        return 0x1100 <= c <= 0x11FF or 0x3130 <= c <= 0x318F or 0xA960 <= c <= 0xA97F \
+            or 0xD7B0 <= c <= 0xD7FF
+
+    chars = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]
+    reordered = [c for c in chars if unicodedata.combining(c)]
+    assert reordered and all(unicodedata.category(c)[0] == "M" for c in reordered)
+    # canonical pairs from the decomposition table (Hangul composes by rule: jamo with jamo)
+    seconds = {int(d[1], 16) for c in chars
+               if len(d := unicodedata.decomposition(c).split()) == 2 and not d[0].startswith("<")}
+    assert seconds and all(unicodedata.category(chr(c))[0] == "M" or jamo(c) for c in seconds)

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydiff.config import ConfigError, DataConfig
+from raydiff.data.runs import count_runs
 from raydiff.data.tokenizer import SPECIAL_TOKENS
-from raydiff.data.unicode import PY_OTHER_SPACE_CLASS, PY_SPACE_CHARS, PY_SPACE_CLASS, CharTables
-from raydiff.data.words import drop_empty
+from raydiff.data.unicode import PY_SPACE_CHARS, PY_SPACE_CLASS, WORD, CharTables, py_pieces_table
 
 TICKER = r"<[A-Z][A-Z0-9.\-&]{0,15}>"  # Reuters company tags such as <IBM>
 TAG = r"</?[a-zA-Z][^<>]{0,200}>"
@@ -66,7 +66,7 @@ def article_segments(texts: Sequence[str], cfg: DataConfig,
     marked = pc.replace_substring_regex(lines, SENTENCE_END, "\\1\n\\2")
     sentences, line = _explode(pc.split_pattern(marked, "\n"))
     article = article[line]
-    n_words = _count_pieces(pc.replace_substring_regex(sentences, PY_OTHER_SPACE_CLASS, " "))
+    n_words = count_runs(sentences, py_pieces_table(), WORD)  # as str.split() counts them
     kept = (n_words >= cfg.min_words) & (n_words <= cfg.max_words)
     sentences, article = sentences.filter(pa.array(kept)), article[kept]
     if cfg.pack:
@@ -78,7 +78,7 @@ def clean_lines(texts: Sequence[str], cfg: DataConfig,
                 tables: CharTables) -> tuple[pa.StringArray, np.ndarray]:
     """The non-empty lines of each cleaned article (lower-cased when configured): (lines,
     index of each line's article)."""
-    docs = pa.array([unicodedata.normalize("NFKC", html.unescape(t)) for t in texts], pa.string())
+    docs = pa.array([_nfkc(html.unescape(t)) for t in texts], pa.string())
     for literal in SPECIAL_TOKENS:  # "[PAD]" in the text would be encoded as padding
         docs = pc.replace_substring(docs, literal, " ")
     if cfg.remove_tickers:
@@ -96,6 +96,12 @@ def clean_lines(texts: Sequence[str], cfg: DataConfig,
     return lines.filter(kept), article[kept.to_numpy(zero_copy_only=False)]
 
 
+def _nfkc(text: str) -> str:
+    """NFKC, after Python's quick check (most text is already normalized)."""
+    return text if unicodedata.is_normalized("NFKC", text) else \
+        unicodedata.normalize("NFKC", text)
+
+
 def _lower(docs: pa.StringArray, mismatch: str) -> pa.StringArray:
     """`str.lower` of every text: Arrow's kernel where it agrees, Python's where it may not."""
     lowered = pc.utf8_lower(docs)
@@ -111,11 +117,6 @@ def _explode(lists: pa.ListArray) -> tuple[pa.StringArray, np.ndarray]:
     """list<string> -> (flat strings, index of each one's list)."""
     return (pc.list_flatten(lists),
             pc.list_parent_indices(lists).to_numpy().astype(np.int64))
-
-
-def _count_pieces(texts: pa.StringArray) -> np.ndarray:
-    """The number of non-empty pieces of each text split at " "."""
-    return pc.list_value_length(drop_empty(pc.split_pattern(texts, " "))).to_numpy()
 
 
 def _pack(segments: pa.StringArray, article: np.ndarray, max_tokens: int,

@@ -100,6 +100,7 @@ def choose_vocabulary(candidates: pa.Table, cfg: DataConfig, source: Source) -> 
     """The vocabulary (index = id) from the candidate words with their complete counts."""
     if candidates.num_rows == 0:
         raise DataError(f"data.source={cfg.source}: no training segments after cleaning")
+    candidates = TopWords(cfg.vocab_size)(candidates)  # Arrow's sort first: few reach Python
     return select_vocabulary(candidates["word"].to_pylist(), candidates["count"].to_pylist(),
                              cfg.vocab_size)
 

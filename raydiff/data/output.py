@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from raydiff.config import SECRET_KEYS, DataConfig
 from raydiff.data.records import RANK_OF_SPLIT, SPLITS, STATUSES
 from raydiff.data.sources import Source, fingerprint
-from raydiff.data.stages import SEGMENT, TALLY_NAME
+from raydiff.data.stages import TALLY_NAME, segments_and_tallies
 from raydiff.data.storage import DataError, Location
 from raydiff.data.tokenizer import UNK_ID, save_word_tokenizer, tokenizer_from_vocabulary
 
@@ -40,10 +41,14 @@ def write_shards(block: pa.Table, stage: Location, name: str, shard_rows: int) -
     `shard_rows` rows, `<stage>/<split>/part-<name>-<k>.parquet`; return one statistics record
     per shard and one per tally row."""
     results = []
-    is_segment = pc.equal(block["kind"], SEGMENT)
-    segments = block.filter(is_segment)
-    for split in SPLITS:
-        rows = segments.filter(pc.equal(segments["rank"], RANK_OF_SPLIT[split]))
+    segments, tallies = segments_and_tallies(block)
+    rank = segments["rank"].to_numpy()
+    by_split = np.argsort(rank, kind="stable")  # one copy of the rows, each split a slice
+    ordered = segments.take(pa.array(by_split))
+    first = np.searchsorted(rank[by_split], [RANK_OF_SPLIT[split] for split in SPLITS])
+    last = np.searchsorted(rank[by_split], [RANK_OF_SPLIT[split] for split in SPLITS], "right")
+    for split, a, b in zip(SPLITS, first.tolist(), last.tolist(), strict=True):
+        rows = ordered.slice(a, b - a)
         for k, start in enumerate(range(0, rows.num_rows, shard_rows)):
             part = rows.slice(start, shard_rows)
             shard = f"part-{name}-{k:03d}.parquet"
@@ -60,7 +65,6 @@ def write_shards(block: pa.Table, stage: Location, name: str, shard_rows: int) -
                                                                  .sum()),
                             "pad": int((mask == 0).sum()),
                             "occurrences": int(pc.sum(part["n"]).as_py() or 0)})
-    tallies = block.filter(pc.invert(is_segment))
     for kind, text, n in zip(tallies["kind"].to_pylist(), tallies["text"].to_pylist(),
                              tallies["n"].to_pylist(), strict=True):
         results.append({"tally": TALLY_NAME[kind], "text": text, "n": n})

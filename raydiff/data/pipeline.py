@@ -45,7 +45,7 @@ from raydiff.data.output import (
     write_tokenizer,
 )
 from raydiff.data.prepared import PreparedData
-from raydiff.data.records import read_records, records_of_articles
+from raydiff.data.records import CHUNK_BYTES, read_records, records_of_articles
 from raydiff.data.sources import Source, output_location, resolve_source
 from raydiff.data.stages import (
     COUNTS,
@@ -96,7 +96,11 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
     marks.append(time.perf_counter())
 
     stage = SegmentStage(cfg, tuple(source.files), tables, _last_order(source, cfg))
-    words = (tuned(_records(source, cfg, fused=_files_go_round(source, cpus)))
+    # read in chunks of half a task's text: Ray's read buffer joins them into blocks of about a
+    # task's (up to 1.5x the block size), so that one large file still makes several tasks
+    records = _records(source, cfg, fused=_files_go_round(source, cpus),
+                       chunk_bytes=min(CHUNK_BYTES, per_task // 2))
+    words = (tuned(records)
              .map_batches(stage, batch_size=None, batch_format="pyarrow")
              .groupby(list(DEDUP_KEYS), num_partitions=partitions)
              .aggregate(*({"min": Min, "sum": Sum}[how](c, alias_name=c)
@@ -105,8 +109,10 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
              .materialize())
     marks.append(time.perf_counter())
 
+    rows = words.count()
     candidates = (tuned(words)
-                  .map_batches(word_counts, batch_size=None, batch_format="pyarrow")
+                  .map_batches(word_counts, batch_size=_per_task(rows, cpus, rows),
+                               batch_format="pyarrow")
                   .groupby("word", num_partitions=partitions)
                   .aggregate(Sum("count", alias_name="count"))
                   .map_batches(TopWords(cfg.vocab_size), batch_size=None, batch_format="pyarrow"))
@@ -117,10 +123,10 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
 
     with Staging(out) as staging:
         # one pass for every split; each write task gets up to ten shards' worth of rows, so
-        # that the held-out splits' shards (5% each by default) are not tiny
-        rows_per_task = min(10 * cfg.shard_rows,
-                            max(cfg.shard_rows, words.count() // (2 * cpus)))
-        sink = ShardSink(staging, cfg.shard_rows, rows_per_task)
+        # that the held-out splits' shards (5% each by default) are not tiny, and two tasks a
+        # CPU at least, so that one CPU's last task does not run alone
+        sink = ShardSink(staging, cfg.shard_rows,
+                         _per_task(rows, 2 * cpus, 10 * cfg.shard_rows))
         (tuned(words).map_batches(EncodeStage(tuple(vocabulary), cfg.seq_len), batch_size=None,
                                   batch_format="pyarrow").write_datasink(sink))
         results = sink.results
@@ -130,6 +136,13 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
         timings = {name: b - a for name, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
         manifest = finish_output(staging, cfg, source, results, vocab_size, timings)
     return PreparedData(out, manifest, reused=False)
+
+
+def _per_task(rows: int, cpus: int, most: int) -> int:
+    """Rows per task for `rows` in tasks of at most `most` rows, as many tasks as a multiple of
+    `cpus`, so that no CPU is left with a last task alone."""
+    tasks = cpus * max(1, math.ceil(rows / (cpus * most)))
+    return max(1, math.ceil(rows / tasks))
 
 
 def _tuned(dataset, block_bytes: int, map_bytes: int, nodes: int = 1):
@@ -160,7 +173,8 @@ def _inflated_bytes(source: Source, cfg: DataConfig) -> int:
     return sum(f.size * (4 if f.compressed else 1) for f in source.files)
 
 
-def _records(source: Source, cfg: DataConfig, fused: bool = False):
+def _records(source: Source, cfg: DataConfig, fused: bool = False,
+             chunk_bytes: int = CHUNK_BYTES):
     """The source's records as a lazy dataset (`records.RECORDS`). A read task asks for half a
     CPU, so that it stays apart from the segmenting that follows and one large file still keeps
     every CPU busy; with enough files to go round (`fused`), a whole CPU, and Ray runs each
@@ -171,7 +185,8 @@ def _records(source: Source, cfg: DataConfig, fused: bool = False):
         step = math.ceil(records.num_rows / blocks)
         return ray.data.from_arrow([records.slice(i, step)
                                     for i in range(0, records.num_rows, step)])
-    return ray.data.read_datasource(CorpusFiles(source, cfg), num_cpus=1 if fused else 0.5,
+    return ray.data.read_datasource(CorpusFiles(source, cfg, chunk_bytes),
+                                    num_cpus=1 if fused else 0.5,
                                     override_num_blocks=len(source.files))
 
 
@@ -189,12 +204,12 @@ class CorpusFiles(FileBasedDatasource):
     """The corpus's files through `records.read_records` (compression is sniffed there, so that
     a damaged file is counted, not fatal)."""
 
-    def __init__(self, source: Source, cfg: DataConfig):
+    def __init__(self, source: Source, cfg: DataConfig, chunk_bytes: int = CHUNK_BYTES):
         location = source.location
         super().__init__([location.ray_path(f.path) for f in source.files],
                          filesystem=location.arrow_filesystem())
         self._files = {location.ray_path(f.path): f for f in source.files}
-        self._cfg = cfg
+        self._cfg, self._chunk_bytes = cfg, chunk_bytes
 
     def resolve_compression(self, path, open_args):
         return None
@@ -207,7 +222,7 @@ class CorpusFiles(FileBasedDatasource):
         return filesystem.open_input_stream(path, compression=None, buffer_size=1 << 20)
 
     def _read_stream(self, f, path: str):
-        yield from read_records(f, self._files[path], self._cfg)
+        yield from read_records(f, self._files[path], self._cfg, self._chunk_bytes)
 
 
 class ShardSink(Datasink):

@@ -146,14 +146,15 @@ def _inflated(stream):
 _INFLATE_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, pa.ArrowInvalid)
 
 
-def read_records(stream, file: InputFile, cfg: DataConfig) -> Iterator[pa.Table]:
+def read_records(stream, file: InputFile, cfg: DataConfig,
+                 chunk_bytes: int = CHUNK_BYTES) -> Iterator[pa.Table]:
     """The records of one open file (binary, readable; seekable for Parquet), a table of
-    RECORDS per chunk."""
+    RECORDS per chunk of about `chunk_bytes` of text."""
     try:
         if file.is_parquet:
             yield from _parquet_records(stream, file, cfg)
         else:
-            yield from _line_records(_inflated(stream), file)
+            yield from _line_records(_inflated(stream), file, chunk_bytes)
     except (CorruptFile, *_INFLATE_ERRORS) as e:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
         yield _table([_order(file, 0)], [STATUS["corrupt_file"]], raw=[reason.encode()])
@@ -170,12 +171,12 @@ def _is_format_error(error: OSError) -> bool:
                                    "magic bytes", "corrupt", "invalid header"))
 
 
-def _line_records(inflated, file: InputFile) -> Iterator[pa.Table]:
+def _line_records(inflated, file: InputFile, chunk_bytes: int) -> Iterator[pa.Table]:
     """Lines as `bytes.splitlines` cuts them (\\n, \\r\\n, \\r), blank ones skipped but
     counted in the numbering; a file with no line at all gives one `empty_file` record."""
     lineno, carry, skipping, any_line = 0, b"", False, False
     while True:
-        chunk = inflated.read(CHUNK_BYTES)
+        chunk = inflated.read(chunk_bytes)
         data = carry + chunk
         if chunk:  # cut after the last line break; a final "\r" may be half of "\r\n"
             end = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1))

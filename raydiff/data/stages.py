@@ -143,23 +143,33 @@ class WordStage:
     tables: CharTables
 
     def __call__(self, unique: pa.Table) -> pa.Table:
-        unique = unique.select(SEGMENT_ROWS.names).cast(SEGMENT_ROWS)
-        is_segment = pc.equal(unique["kind"], SEGMENT)
-        rows = np.flatnonzero(is_segment.to_numpy(zero_copy_only=False))
-        words = split_words(unique["text"].take(pa.array(rows)).combine_chunks(), self.tables)
-        placed = np.full(len(unique), -1, np.int64)
-        placed[rows] = np.arange(len(rows))
-        all_words = words.take(pa.array(placed, mask=placed < 0))  # nulls for tallies
-        text = pc.if_else(is_segment, pa.scalar(None, pa.string()), unique["text"])
-        return pa.table([unique["kind"], text, unique["rank"], unique["pos"], unique["n"],
-                         all_words], schema=WORD_ROWS)
+        segments, tallies = segments_and_tallies(unique.select(SEGMENT_ROWS.names)
+                                                 .cast(SEGMENT_ROWS))
+        words = split_words(segments["text"].combine_chunks(), self.tables)
+        n, k = segments.num_rows, tallies.num_rows
+        return pa.concat_tables([
+            pa.table([segments["kind"], pa.nulls(n, pa.string()), segments["rank"],
+                      segments["pos"], segments["n"], words], schema=WORD_ROWS),
+            pa.table([tallies["kind"], tallies["text"], tallies["rank"], tallies["pos"],
+                      tallies["n"], pa.nulls(k, WORDS)], schema=WORD_ROWS)])
+
+
+def segments_and_tallies(block: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The block's segment rows and its tally rows (a few in the whole corpus), without a copy
+    of the segments when the block holds no tally."""
+    is_segment = pc.equal(block["kind"], SEGMENT)
+    if pc.all(is_segment).as_py() is not False:  # no tally (or no row)
+        return block, block.slice(0, 0)
+    return block.filter(is_segment), block.filter(pc.invert(is_segment))
 
 
 def word_counts(block: pa.Table) -> pa.Table:
     """How often each word occurs in this block's train segments."""
-    train = pc.and_(pc.equal(block["kind"], SEGMENT), pc.equal(block["rank"], TRAIN))
-    words = pc.list_flatten(block.filter(train)["words"])
-    counts = pc.value_counts(words)
+    words = block["words"].combine_chunks()  # null for tallies: they have no words
+    train = pc.fill_null(pc.equal(block["rank"], TRAIN), False).to_numpy(zero_copy_only=False)
+    train &= (block["kind"].to_numpy() == SEGMENT)
+    in_train = train[pc.list_parent_indices(words).to_numpy()]
+    counts = pc.value_counts(pc.list_flatten(words).filter(pa.array(in_train)))
     return pa.table([counts.field("values"), counts.field("counts")], schema=COUNTS)
 
 
@@ -199,9 +209,7 @@ class EncodeStage:
     seq_len: int
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        block = block.select(WORD_ROWS.names).cast(WORD_ROWS)
-        is_segment = pc.equal(block["kind"], SEGMENT)
-        segments = block.filter(is_segment)
+        segments, tallies = segments_and_tallies(block.select(WORD_ROWS.names).cast(WORD_ROWS))
         words = segments["words"].combine_chunks()
         ids = pc.index_in(pc.list_flatten(words), value_set=pa.array(self.vocabulary, pa.string()))
         ids = ids.fill_null(UNK_ID).to_numpy().astype(np.int32)
@@ -211,7 +219,6 @@ class EncodeStage:
         encoded = pa.table([segments["kind"], segments["text"], segments["rank"], segments["n"],
                             segments["pos"], fixed_lists(input_ids), fixed_lists(mask)],
                            schema=schema)
-        tallies = block.filter(pc.invert(is_segment))
         k = len(tallies)
         tallies = pa.table([tallies["kind"], tallies["text"], tallies["rank"], tallies["n"],
                             pa.nulls(k, pa.int64()), pa.nulls(k, schema.field("input_ids").type),

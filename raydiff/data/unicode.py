@@ -12,6 +12,10 @@ itself puts in it, found by asking it about every code point once per process:
   and Whitespace pre-tokenizer (Rust), run over every code point;
 - `lower_mismatch_class()`: where `pc.utf8_lower` and `str.lower` differ.
 
+Two of them also serve as numpy lookup tables (a class number per code point) for `runs.py`:
+`py_pieces_table()` (what `str.split()` cuts at) and `tokenizer_table(classes)`, read off the
+patterns by Arrow's regex engine once per process (about 0.1 s).
+
 The tables cover code points below `DOMAIN_END` (all scripts in use, emoji included); text with a
 character beyond it takes the exact slow path wherever a table is needed. Building them takes
 about a second, so `CharTables.build` runs once per `prepare`, on the driver (and caches them on
@@ -69,6 +73,20 @@ PY_NOT_SPACE_CLASS = re2_class(PY_SPACE, negate=True)
 PY_SPACE_CHARS = "".join(map(chr, PY_SPACE))
 PY_OTHER_SPACE_CLASS = re2_class(c for c in PY_SPACE if c != 0x20)  # all but " "
 
+# classes of code points for `runs.byte_classes`: a separator, the two kinds of run (the
+# tokenizer's words and runs of punctuation; `str.split`'s pieces are all of one kind), and the
+# characters for which the tokenizer's fast path is not vouched for
+SEPARATOR, WORD, PUNCT, UNVERIFIED = 0, 1, 2, 3
+
+
+@functools.lru_cache(maxsize=1)
+def py_pieces_table() -> np.ndarray:
+    """What `str.split()` cuts at: SEPARATOR for Python's whitespace, WORD for the rest (also
+    every code point above the table)."""
+    table = np.full(PY_SPACE[-1] + 1, WORD, np.uint8)
+    table[list(PY_SPACE)] = SEPARATOR
+    return table
+
 
 @functools.lru_cache(maxsize=1)
 def py_word_class() -> str:
@@ -107,8 +125,7 @@ class TokenizerClasses:
     domain. Text without such a character is its own normalized form."""
 
     word: str  # the tokenizer's word characters
-    other_space: str  # its whitespace, but for " "
-    punct_run: str  # a maximal run of characters that are neither word nor whitespace
+    punct: str  # the characters that are neither word characters nor whitespace
     unverified: str
 
 
@@ -157,10 +174,30 @@ def tokenizer_classes(lowercase: bool) -> TokenizerClasses:
     not_punct = np.concatenate([word, space])
     return TokenizerClasses(
         word=re2_class(word),
-        other_space=re2_class(space[space != 0x20]),
-        punct_run=re2_class(not_punct, negate=True) + "+",
+        punct=re2_class(not_punct, negate=True),
         unverified=re2_class(cps[stable], negate=True),
     )
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_table(classes: TokenizerClasses) -> np.ndarray:
+    """uint8 per code point below DOMAIN_END: UNVERIFIED, else WORD, PUNCT or SEPARATOR (the
+    tokenizer's whitespace); read off the classes' own patterns by Arrow's regex engine, so that
+    it means exactly what they mean. Every code point above is UNVERIFIED, as the patterns say."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cps = np.concatenate([[0], _domain()]).astype(np.uint32)
+    chars = pa.array(list(_as_text(cps)), pa.string())
+
+    def having(pattern: str) -> np.ndarray:
+        return pc.match_substring_regex(chars, pattern).to_numpy(zero_copy_only=False)
+
+    table = np.full(DOMAIN_END, UNVERIFIED, np.uint8)  # surrogates: never in UTF-8
+    table[cps] = np.where(having(classes.unverified), UNVERIFIED,
+                          np.where(having(classes.word), WORD,
+                                   np.where(having(classes.punct), PUNCT, SEPARATOR)))
+    return table
 
 
 @dataclass(frozen=True)
@@ -193,7 +230,7 @@ class CharTables:
         return tables
 
 
-TABLES_VERSION = 1  # bump when what the tables hold changes
+TABLES_VERSION = 2  # bump when what the tables hold changes
 
 
 def cache_dir() -> Path:

@@ -1,13 +1,16 @@
 """Segments split into the word-level tokenizer's words, exactly as its own normalizer and
-pre-tokenizer would split them, at Arrow's speed.
+pre-tokenizer would split them, at numpy's speed.
 
 The Whitespace pre-tokenizer cuts normalized text into maximal runs of word characters and
-maximal runs of other non-space characters. For a segment whose characters the tokenizer's
-normalizer leaves alone (`TokenizerClasses.unverified` finds none, and it is already NFKC), the
-words are therefore: whitespace turned into " ", each run of punctuation wrapped in spaces, the
-text split at " ". The classes come from the tokenizer itself (`unicode.tokenizer_classes`), so
-this equals the library's result by construction; the few other segments go through the
-library's normalizer and pre-tokenizer directly.
+maximal runs of other non-space characters, and which run a character belongs to depends on
+that character alone (`unicode.tokenizer_classes` asks the library about each one). A segment
+without an UNVERIFIED character (one the normalizer changes on its own, a combining mark, a
+Hangul jamo, an unassigned code point) is its own normalized form: NFKC changes a string of
+characters that are each their own NFKC only by reordering marks (every character of a non-zero
+combining class is a mark) or by composing a character with the next (every second character of
+a composition is a mark or a jamo; tests/test_clean.py checks both over all of Unicode). Its
+words are therefore the runs of WORD and of PUNCT characters that `runs.split_runs` finds in its
+bytes; the few other segments go through the library's normalizer and pre-tokenizer directly.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import itertools
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from raydiff.data.runs import byte_classes, split_runs, utf8_view
 from raydiff.data.tokenizer import UNK, word_pipeline
-from raydiff.data.unicode import CharTables
+from raydiff.data.unicode import UNVERIFIED, CharTables, tokenizer_table
 
 WORDS = pa.list_(pa.string())
 
@@ -29,39 +32,24 @@ def split_words(segments: pa.StringArray, tables: CharTables) -> pa.ListArray:
     """list<string>: the words of each segment, as the tokenizer's trainer counts them."""
     if len(segments) == 0:
         return pa.array([], WORDS)
-    classes = tables.tokenizer
-    fast = pc.invert(pc.match_substring_regex(segments, classes.unverified))
-    exotic = pc.invert(pc.string_is_ascii(segments))  # ASCII text is always NFKC
-    if pc.any(exotic).as_py():
-        normal = pc.equal(pc.utf8_normalize(segments, "NFKC"), segments)
-        fast = pc.and_(fast, pc.or_(pc.invert(exotic), normal))
-    fast = fast.to_numpy(zero_copy_only=False)
-    if fast.all():
-        return _split_verified(segments, classes)
-    fast_rows, slow_rows = np.flatnonzero(fast), np.flatnonzero(~fast)
-    words = pa.concat_arrays([
-        _split_verified(segments.take(pa.array(fast_rows)), classes),
-        _split_by_library(segments.take(pa.array(slow_rows)).to_pylist(), tables.lowercase)])
-    order = np.empty(len(segments), np.int64)  # back to the input order
-    order[np.concatenate([fast_rows, slow_rows])] = np.arange(len(segments))
-    return words.take(pa.array(order))
-
-
-def _split_verified(segments: pa.StringArray, classes) -> pa.ListArray:
-    spaced = pc.replace_substring_regex(segments, classes.other_space, " ")
-    spaced = pc.replace_substring_regex(spaced, classes.punct_run, " \\0 ")
-    return drop_empty(pc.split_pattern(spaced, " "))
-
-
-def drop_empty(pieces: pa.ListArray) -> pa.ListArray:
-    """The lists without their empty strings (what splitting at single spaces leaves between
-    runs of them), without a Python loop."""
-    pieces = pieces.combine_chunks() if isinstance(pieces, pa.ChunkedArray) else pieces
-    flat = pieces.values
-    keep = pc.greater(pc.binary_length(flat), 0)
-    kept_before = np.concatenate([[0], np.cumsum(keep.to_numpy(zero_copy_only=False))])
-    offsets = kept_before[pieces.offsets.to_numpy()].astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), flat.filter(keep))
+    data, offsets = utf8_view(segments)
+    classes = byte_classes(data, tokenizer_table(tables.tokenizer), UNVERIFIED)
+    fast = split_runs(data, offsets, classes)  # wrong in the rows replaced below
+    slow = np.zeros(len(segments), bool)
+    slow[np.searchsorted(offsets, np.flatnonzero(classes == UNVERIFIED), side="right") - 1] = True
+    if not slow.any():
+        return fast
+    slow_rows = np.flatnonzero(slow)
+    by_library = _split_by_library(segments.take(pa.array(slow_rows)).to_pylist(),
+                                   tables.lowercase)
+    # the fast rows' lists between each stretch of consecutive slow rows, then those rows'
+    pieces, done, taken = [], 0, 0
+    for stretch in np.split(slow_rows, np.flatnonzero(np.diff(slow_rows) != 1) + 1):
+        first, n = int(stretch[0]), len(stretch)
+        pieces += [fast.slice(done, first - done), by_library.slice(taken, n)]
+        done, taken = first + n, taken + n
+    pieces.append(fast.slice(done))
+    return pa.concat_arrays(pieces)
 
 
 @functools.lru_cache(maxsize=2)
