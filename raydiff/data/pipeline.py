@@ -110,8 +110,10 @@ def _prepare(cfg: DataConfig, source: Source, out: Location) -> PreparedData:
     marks.append(time.perf_counter())
 
     rows = words.count()
+    # count tasks of up to four of the words' blocks, as many as a multiple of the CPUs
+    most = 4 * math.ceil(rows / max(1, words.num_blocks()))
     candidates = (tuned(words)
-                  .map_batches(word_counts, batch_size=_per_task(rows, cpus, rows),
+                  .map_batches(word_counts, batch_size=_per_task(rows, cpus, most),
                                batch_format="pyarrow")
                   .groupby("word", num_partitions=partitions)
                   .aggregate(Sum("count", alias_name="count"))
