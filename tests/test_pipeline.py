@@ -75,3 +75,14 @@ def test_real_reuters_slice_has_sane_statistics(ray_session, tmp_path):
     assert m["splits"]["train"]["segments"] > 5 * m["splits"]["valid"]["segments"] > 0
     mean_len = m["tokens"] / m["segments"]
     assert 8 < mean_len < 32
+
+
+@pytest.mark.parametrize("rows, cpus, most", [(168_231, 2, 500_000), (168_231, 4, 50_000),
+                                              (10_186_606, 2, 84_000), (10_186_606, 8, 10**7)])
+def test_tasks_come_in_multiples_of_the_cpus_and_stay_under_the_bound(rows, cpus, most):
+    from raydiff.data.pipeline import _per_task
+
+    per_task = _per_task(rows, cpus, most)
+    tasks = -(-rows // per_task)  # what bundling the rows into tasks of per_task gives
+    assert per_task <= most and tasks % cpus == 0  # no CPU left with a last task alone
+    assert tasks == cpus or per_task > most // 2  # no more tasks than the bound needs
