@@ -79,23 +79,26 @@ def run_bounds(classes: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np
     """(starts, ends) in bytes of every maximal run of one non-zero class, never crossing from
     one string into the next; in order."""
     n = len(classes)
-    change = np.ones(n + 1, bool)  # a stretch of one class begins here (or the data ends)
-    np.not_equal(classes[1:], classes[:-1], out=change[1:n])
-    change[offsets[:-1]] = True
-    in_run = classes != 0
-    return (np.flatnonzero(change[:n] & in_run),
-            np.flatnonzero(change[1:] & in_run) + 1)
+    change, in_run = _changes(classes, offsets), classes != 0
+    return np.flatnonzero(change[:n] & in_run), np.flatnonzero(change[1:] & in_run) + 1
 
 
 def count_runs(strings: pa.Array, table: np.ndarray, beyond: int) -> np.ndarray:
     """int64: how many runs each string holds."""
     data, offsets = utf8_view(strings)
     classes = byte_classes(data, table, beyond)
-    starts = np.ones(len(classes), bool)
-    np.not_equal(classes[1:], classes[:-1], out=starts[1:])
-    starts[offsets[:-1][offsets[:-1] < len(classes)]] = True
-    starts &= classes != 0
-    return np.diff(np.searchsorted(np.flatnonzero(starts), offsets))
+    starts = np.flatnonzero(_changes(classes, offsets)[:-1] & (classes != 0))
+    return np.diff(np.searchsorted(starts, offsets))
+
+
+def _changes(classes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(n + 1,) bool: a stretch of one class begins at this byte (a new class, or a new
+    string), and at n, where the data ends."""
+    n = len(classes)
+    change = np.ones(n + 1, bool)
+    np.not_equal(classes[1:], classes[:-1], out=change[1:n])
+    change[offsets[:-1]] = True
+    return change
 
 
 def split_runs(data: np.ndarray, offsets: np.ndarray, classes: np.ndarray) -> pa.ListArray:
@@ -105,7 +108,7 @@ def split_runs(data: np.ndarray, offsets: np.ndarray, classes: np.ndarray) -> pa
     if len(values) >= 2**31 or len(starts) >= 2**31:
         raise ValueError("split_runs: 2 GiB of words or more in one batch; split the batch")
     word_offsets = np.zeros(len(starts) + 1, np.int32)
-    np.cumsum(ends - starts, out=word_offsets[1:])
+    np.cumsum(ends - starts, dtype=np.int32, out=word_offsets[1:])
     words = pa.StringArray.from_buffers(len(starts), pa.py_buffer(word_offsets),
                                         pa.py_buffer(values))
     list_offsets = np.searchsorted(starts, offsets).astype(np.int32)  # runs before each string
