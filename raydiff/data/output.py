@@ -42,11 +42,10 @@ def write_shards(block: pa.Table, stage: Location, name: str, shard_rows: int) -
     per shard and one per tally row."""
     results = []
     segments, tallies = segments_and_tallies(block)
-    rank = segments["rank"].to_numpy()
-    by_split = np.argsort(rank, kind="stable")  # one copy of the rows, each split a slice
+    by_split = np.argsort(segments["rank"].to_numpy(), kind="stable")  # each split a slice
     ordered = segments.take(pa.array(by_split))
-    first = np.searchsorted(rank[by_split], [RANK_OF_SPLIT[split] for split in SPLITS])
-    last = np.searchsorted(rank[by_split], [RANK_OF_SPLIT[split] for split in SPLITS], "right")
+    rank, ranks = ordered["rank"].to_numpy(), [RANK_OF_SPLIT[split] for split in SPLITS]
+    first, last = np.searchsorted(rank, ranks), np.searchsorted(rank, ranks, "right")
     for split, a, b in zip(SPLITS, first.tolist(), last.tolist(), strict=True):
         rows = ordered.slice(a, b - a)
         for k, start in enumerate(range(0, rows.num_rows, shard_rows)):

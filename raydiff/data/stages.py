@@ -165,9 +165,9 @@ def segments_and_tallies(block: pa.Table) -> tuple[pa.Table, pa.Table]:
 
 def word_counts(block: pa.Table) -> pa.Table:
     """How often each word occurs in this block's train segments."""
-    words = block["words"].combine_chunks()  # null for tallies: they have no words
-    train = pc.fill_null(pc.equal(block["rank"], TRAIN), False).to_numpy(zero_copy_only=False)
-    train &= (block["kind"].to_numpy() == SEGMENT)
+    segments, _ = segments_and_tallies(block)
+    words = segments["words"].combine_chunks()
+    train = segments["rank"].to_numpy() == TRAIN
     in_train = train[pc.list_parent_indices(words).to_numpy()]
     counts = pc.value_counts(pc.list_flatten(words).filter(pa.array(in_train)))
     return pa.table([counts.field("values"), counts.field("counts")], schema=COUNTS)

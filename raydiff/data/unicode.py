@@ -69,9 +69,7 @@ def _as_text(codepoints: np.ndarray) -> str:
 # Python's whitespace: 29 code points, the last U+3000 (tests/test_unicode.py checks the range)
 PY_SPACE: tuple[int, ...] = tuple(c for c in range(0x3001) if chr(c).isspace())
 PY_SPACE_CLASS = re2_class(PY_SPACE)
-PY_NOT_SPACE_CLASS = re2_class(PY_SPACE, negate=True)
 PY_SPACE_CHARS = "".join(map(chr, PY_SPACE))
-PY_OTHER_SPACE_CLASS = re2_class(c for c in PY_SPACE if c != 0x20)  # all but " "
 
 # classes of code points for `runs.byte_classes`: a separator, the two kinds of run (the
 # tokenizer's words and runs of punctuation; `str.split`'s pieces are all of one kind), and the
