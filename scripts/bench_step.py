@@ -9,7 +9,7 @@ hundreds of times slower than fp32); --force-bf16 runs it anyway.
 
     python scripts/bench_step.py [--configs smoke tune/ablation-small reuters] [--steps 5]
     python scripts/bench_step.py --anchor ../shared/anchors/minimal-text-diffusion --rounds 3
-    python scripts/bench_step.py --configs smoke tune/ablation-small --compile default
+    python scripts/bench_step.py --configs smoke tune/ablation-small --compile default --floor
 
 --anchor times the reference code base's own training step (minimal-text-diffusion, through
 ../shared/tools/mtd_bench.py in a subprocess, so none of its code lives here) and raydiff's at
@@ -19,11 +19,15 @@ session 10, the cross-entropy over materialised (N, V) logits, as until session 
 diagnostic on every step: `speedup_vs_eager` 1), with raydiff's own BERT layers
 (raydiff.model.encoder), then also with the chunked tied-head cross-entropy
 (raydiff.model.head_ce), as the step the training loop takes between reports (no diagnostics),
-and with --compile MODE also compiled (`train.compile=MODE`, timed after its compilation, whose
+and with --compile MODE also compiled (`train.compile=MODE`: the whole training objective,
+`raydiff.diffusion.losses.DiffusionObjective`; timed after its compilation, whose
 seconds are reported): all in the same run, alternating over `--rounds` rounds of `--steps`
 steps, each variant's step time the median of its rounds' medians, and `paired_speedup` the
 median over rounds of the plain step's time over the variant's. MFU counts the plain step's
-FLOPs (the model's), not the chunked head's recomputed logits.
+FLOPs (the model's), not the chunked head's recomputed logits. --floor (CPU) adds, to the row of
+the step between reports, what no rewrite of the step's Python or elementwise work would remove:
+its matrix products and attention kernels replayed back to back, and its update (clipping, AdamW,
+EMA), each timed alone, beside half the plain step (the 2x target).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from raydiff.config import Config, apply_overrides, load_config
@@ -168,6 +173,69 @@ class Timed:
         }
 
 
+# the kernels no rewrite of the step removes: its matrix products and attention, replayed
+FLOOR_OPS = {
+    "matmul": {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+               torch.ops.aten.bmm.default},
+    "attention": {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default},
+}
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the calls of `FLOOR_OPS` (with copies of their arguments) made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, list] = {kind: [] for kind in FLOOR_OPS}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for kind, ops in FLOOR_OPS.items():
+            if func in ops:
+                copy = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
+                self.calls[kind].append((func, [copy(a) for a in args],
+                                         {k: copy(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+def step_floor(timed: Timed, repeats: int = 30) -> dict:
+    """What a step at `timed`'s size cannot go below with these kernels: the median time of
+    its matrix products replayed back to back, of its attention kernels, and of its update
+    (gradient clipping with the NaN flag, AdamW, EMA) on gradients already there."""
+    engine = timed.engine
+    recorder = _Recorder()
+    with recorder:
+        engine.train_step(timed.batch, diagnostics=False)
+    out = {}
+    for kind, calls in recorder.calls.items():
+        def replay(calls=calls):
+            for func, args, kwargs in calls:
+                func(*args, **kwargs)
+        out[f"{kind}_calls"] = len(calls)
+        out[f"{kind}_s"] = _median_time(replay, repeats)
+    engine.probe_loss(timed.batch).backward()
+
+    def update():
+        grad_norm = torch.nn.utils.clip_grad_norm_(engine.model.parameters(), 1.0, foreach=True)
+        bool(torch.isfinite(grad_norm))
+        engine.optimizer.step()
+        engine.ema.update(engine.model)
+    out["update_s"] = _median_time(update, repeats)
+    engine.optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def bench_config(cfg: Config, name: str, precision: str, device: torch.device, steps: int,
                  warmup: int) -> dict:
     """One variant, one round: the default step between reports."""
@@ -229,6 +297,8 @@ def main() -> None:
     parser.add_argument("--anchor", type=Path, default=None,
                         help="minimal-text-diffusion checkout: time its step beside ours")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --steps per variant")
+    parser.add_argument("--floor", action="store_true",
+                        help="CPU: also time the step's matmuls, attention and update alone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -268,6 +338,11 @@ def main() -> None:
                 for engine in engines:
                     engine.time(args.steps)
             timed = [engine.row() for engine in engines]
+            if args.floor and device.type == "cpu":
+                floor = step_floor(engines[3])  # the eager step between reports
+                floor["sum_s"] = floor["matmul_s"] + floor["attention_s"] + floor["update_s"]
+                floor["half_plain_step_s"] = timed[0]["step_s"] / 2  # the 2x target
+                timed[3]["floor"] = floor
             del engines
             for r in timed:  # model FLOPs: the plain step's count
                 r["mfu"] = (timed[0]["flops_per_step"] / r["step_s"] / peak[precision]

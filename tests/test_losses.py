@@ -190,3 +190,32 @@ def test_skipping_diagnostics_leaves_the_loss_and_its_gradients_unchanged(loss):
     # only the optimised CE term is computed without diagnostics
     assert (lean.rounding_ce is None) == (loss != "rounding")
     assert (lean.anchor_ce is None) == (loss != "anchor")
+
+
+def test_the_training_objective_module_is_diffusion_losses():
+    """What DDP wraps and `train.compile` compiles gives `diffusion_losses`' terms and
+    gradients, with and without diagnostics."""
+    from raydiff.diffusion import DiffusionObjective
+
+    ids, mask = _batch()
+    t = torch.tensor([0, 10, 50, 99])
+    schedule, spec = NoiseSchedule.named("pw_lin", 100), LossSpec(loss="anchor")
+    for diagnostics in (True, False):
+        results = []
+        for through_module in (False, True):
+            model = tiny_denoiser()
+            draws = _draws(ids, t, dim=8)
+            if through_module:
+                out = DiffusionObjective(model, schedule, spec)(
+                    ids, mask, draws.t, draws.eps0, draws.eps, False, diagnostics)
+            else:
+                out = diffusion_losses(model, schedule, {"input_ids": ids, "attention_mask": mask},
+                                       spec, draws, diagnostics=diagnostics)
+            out.total.sum().backward()
+            results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+        (plain, plain_grads), (module, module_grads) = results
+        for name in ("total", "mse", "t_T", "ce", "z0_sq"):
+            torch.testing.assert_close(getattr(module, name), getattr(plain, name), rtol=0, atol=0)
+        assert (module.token_accuracy is None) == (not diagnostics)
+        for name, g in plain_grads.items():
+            torch.testing.assert_close(module_grads[name], g, rtol=0, atol=0, msg=name)

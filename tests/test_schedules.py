@@ -63,3 +63,12 @@ def test_noise_schedule_posterior_is_consistent():
     abar, abar_prev = s.alphas_cumprod[t], s.alphas_cumprod_prev[t]
     mean = s.posterior_mean_coef_x0[t] + s.posterior_mean_coef_zt[t] * abar.sqrt()
     torch.testing.assert_close(mean, abar_prev.sqrt())
+
+
+def test_the_floats_the_loss_reads_and_the_tables_on_a_device_are_the_tables():
+    s = NoiseSchedule.named("pw_lin", 200)
+    assert s.sqrt_beta_0 == float(s.betas[0].sqrt()) and s.abar_last == float(s.alphas_cumprod[-1])
+    moved = s.to("meta")  # a device of its own, without a GPU
+    assert moved.alphas_cumprod.device.type == "meta" and moved.name == "pw_lin"
+    assert moved.betas.shape == s.betas.shape and s.betas.device.type == "cpu"
+    assert (moved.sqrt_beta_0, moved.abar_last) == (s.sqrt_beta_0, s.abar_last)  # read nothing

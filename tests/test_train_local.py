@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from raydiff.config import apply_overrides
+from raydiff.diffusion import losses as losses_module
+from raydiff.model import head_ce
 from raydiff.train import engine as engine_module
 from raydiff.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from raydiff.train.engine import NonFiniteLossError
@@ -57,7 +59,7 @@ def test_a_time_limit_stops_at_the_first_report_past_it_with_a_checkpoint(smoke_
 
 def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(smoke_cfg, monkeypatch):
     cfg = _short(smoke_cfg)
-    real = engine_module.diffusion_losses
+    real = losses_module.diffusion_losses  # what the training objective calls
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -67,7 +69,7 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(smoke_cfg, monkeypatc
             terms.total = terms.total * float("nan")
         return terms
 
-    monkeypatch.setattr(engine_module, "diffusion_losses", poisoned)
+    monkeypatch.setattr(losses_module, "diffusion_losses", poisoned)
     with pytest.raises(NonFiniteLossError, match="loss is nan"):
         train_local(cfg)
     ckpt = latest_checkpoint(cfg.train.output_dir + "/smoke")
@@ -210,7 +212,20 @@ def test_step_metrics_stay_on_the_device_until_the_report(smoke_cfg):
 
 
 @pytest.mark.ray  # compiles for a minute on 2 cores
-def test_compiled_step_gives_the_plain_steps_losses_and_gradients(smoke_cfg):
+def test_compiled_step_gives_the_plain_steps_losses_and_gradients(smoke_cfg, monkeypatch):
+    """The whole objective compiled (forward process, denoiser, loss terms), on two threads,
+    with the tied head's CE in four chunks (the rows of several chunks once came out of a
+    compiled graph wrong on two threads: docs/benchmarks.md)."""
+    monkeypatch.setattr(head_ce, "CPU_CHUNK_ELEMENTS", 50 * 40)  # 128 rows: 40, 40, 40, 8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _compare_compiled_and_plain(smoke_cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_compiled_and_plain(smoke_cfg) -> None:
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(2, 50, (8, 16), generator=g),
              "attention_mask": torch.ones(8, 16, dtype=torch.long)}

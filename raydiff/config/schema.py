@@ -141,8 +141,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = _field(None, ge=1)  # torch intra-op threads on CPU
-    # torch.compile the training forward: "off", or a torch.compile mode ("default";
-    # "reduce-overhead" adds CUDA graphs on GPUs). Pays back its compile time on long runs only
+    # torch.compile the training objective (forward process, denoiser, loss terms): "off", or a
+    # torch.compile mode ("default"; "reduce-overhead" adds CUDA graphs on GPUs). Pays back its
+    # compile time on long runs only
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     seed: int = 0
     output_dir: str = "runs"

@@ -12,8 +12,8 @@ from typing import Any
 _HOME = {  # public name -> the module that defines it
     "SCHEDULE_NAMES": "betas", "get_named_beta_schedule": "betas", "min_num_steps": "betas",
     "perturb_embedding": "forward", "q_sample": "forward",
-    "Batch": "losses", "Draws": "losses", "LossSpec": "losses", "LossTerms": "losses",
-    "diffusion_losses": "losses", "masked_mean": "losses",
+    "Batch": "losses", "DiffusionObjective": "losses", "Draws": "losses", "LossSpec": "losses",
+    "LossTerms": "losses", "diffusion_losses": "losses", "masked_mean": "losses",
     "nearest_embedding": "sampling", "respaced_timesteps": "sampling", "sample": "sampling",
     "NoiseSchedule": "schedules",
     "LossSecondMomentSampler": "timesteps", "UniformSampler": "timesteps",

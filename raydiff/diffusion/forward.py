@@ -17,4 +17,4 @@ def q_sample(schedule: NoiseSchedule, z0: torch.Tensor, t: torch.Tensor, noise: 
 def perturb_embedding(schedule: NoiseSchedule, embedded: torch.Tensor,
                       noise: torch.Tensor) -> torch.Tensor:
     """Diffusion-LM's noisy target z0 = E[w] + sqrt(b_0) eps0.   (B, L, d)."""
-    return embedded + schedule.betas[0].sqrt().item() * noise
+    return embedded + schedule.sqrt_beta_0 * noise

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from raydiff.diffusion.forward import perturb_embedding, q_sample
 from raydiff.diffusion.schedules import NoiseSchedule
@@ -87,14 +88,13 @@ class Draws:
 def diffusion_losses(model: torch.nn.Module, schedule: NoiseSchedule, batch: Batch,
                      spec: LossSpec, draws: Draws, *, diagnostics: bool = True) -> LossTerms:
     """Loss terms of a batch of token ids (B, L) under `spec`, with the randomness of `draws`.
-    `model` is a `Denoiser` (or a DDP wrapper of one: only its forward goes through the
-    wrapper). `diagnostics=False` skips what `total` does not need (the CE term that is not
-    optimised, token accuracy): the same loss and gradients, less work."""
-    net = getattr(model, "module", model)
+    `model` is a `Denoiser` (training wraps and compiles `DiffusionObjective` around it, not
+    the denoiser). `diagnostics=False` skips what `total` does not need (the CE term that is
+    not optimised, token accuracy): the same loss and gradients, less work."""
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, L) each
     device = input_ids.device
     t = draws.t.to(device)  # (B,)
-    clean = net.embed(input_ids)  # E[w]: (B, L, d)
+    clean = model.embed(input_ids)  # E[w]: (B, L, d)
     eps0, eps = draws.eps0.to(device, clean.dtype), draws.eps.to(device, clean.dtype)
     z0 = perturb_embedding(schedule, clean, eps0) if spec.perturb_z0 else clean
     z_t = q_sample(schedule, z0, t, eps, spec.noise_factor)
@@ -109,21 +109,20 @@ def diffusion_losses(model: torch.nn.Module, schedule: NoiseSchedule, batch: Bat
     # at t = 0 the target is the clean embedding, elsewhere the (possibly perturbed) z0
     target = torch.where((t == 0)[:, None, None], clean, z0)
     mse = masked_mean((x0_hat.float() - target.float()).pow(2).mean(dim=-1), attention_mask)
-    abar_last = schedule.alphas_cumprod[-1].item()
-    t_T = masked_mean((abar_last * z0.float().pow(2)).mean(dim=-1), attention_mask)
+    t_T = masked_mean((schedule.abar_last * z0.float().pow(2)).mean(dim=-1), attention_mask)
 
     # the CE term that is not optimised is still logged as a diagnostic: it shows which regime a
     # run is in
     anchor_ce = rounding_ce = token_accuracy = None
     if spec.loss == "anchor" or diagnostics:
         with torch.set_grad_enabled(spec.loss == "anchor" and torch.is_grad_enabled()):
-            anchor_ce = masked_mean(net.token_ce(x0_hat, input_ids), attention_mask)
+            anchor_ce = masked_mean(model.token_ce(x0_hat, input_ids), attention_mask)
     if spec.loss == "rounding" or diagnostics:
         with torch.set_grad_enabled(spec.loss == "rounding" and torch.is_grad_enabled()):
-            rounding_ce = masked_mean(net.token_ce(z0, input_ids), attention_mask)
+            rounding_ce = masked_mean(model.token_ce(z0, input_ids), attention_mask)
     if diagnostics:
         with torch.no_grad():
-            correct = (net.logits(x0_hat).argmax(dim=-1) == input_ids).float()  # (B, L)
+            correct = (model.logits(x0_hat).argmax(dim=-1) == input_ids).float()  # (B, L)
             token_accuracy = masked_mean(correct, attention_mask)
     ce = {"rounding": rounding_ce, "anchor": anchor_ce}.get(spec.loss)
     ce = torch.zeros_like(mse) if ce is None else ce
@@ -132,3 +131,23 @@ def diffusion_losses(model: torch.nn.Module, schedule: NoiseSchedule, batch: Bat
 
     return LossTerms(total=mse + ce + t_T, mse=mse, t_T=t_T, ce=ce, z0_sq=z0_sq,
                      rounding_ce=rounding_ce, anchor_ce=anchor_ce, token_accuracy=token_accuracy)
+
+
+class DiffusionObjective(nn.Module):
+    """`diffusion_losses` as a module around the denoiser: what a training step wraps (DDP) and
+    compiles (`train.compile`). Compiled, the forward process, the denoiser and the loss terms
+    are one graph and their backward another, rather than the denoiser's alone between eager
+    loss code. Its parameters are the denoiser's, under `model.`."""
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, spec: LossSpec):
+        super().__init__()
+        self.model, self.schedule, self.spec = model, schedule, spec
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, t: torch.Tensor,
+                eps0: torch.Tensor, eps: torch.Tensor, self_cond: bool = False,
+                diagnostics: bool = True) -> LossTerms:
+        """The terms of a batch (B, L) with the draws t (B,), eps0 and eps (B, L, d) and the
+        self-conditioning coin; see `diffusion_losses`."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return diffusion_losses(self.model, self.schedule, batch, self.spec,
+                                Draws(t, eps0, eps, self_cond), diagnostics=diagnostics)

@@ -7,7 +7,7 @@ downstream hard-codes a schedule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -28,6 +28,10 @@ class NoiseSchedule:
     posterior_variance: torch.Tensor  # (T,) var of q(z_{t-1} | z_t, z0), before F^2
     posterior_mean_coef_x0: torch.Tensor  # (T,) coefficient of z0 in its mean
     posterior_mean_coef_zt: torch.Tensor  # (T,) coefficient of z_t in its mean
+    # what the training loss reads every step, as Python floats: read off a tensor each step,
+    # they would be a host read (a wait on a GPU, a break in a compiled graph)
+    sqrt_beta_0: float  # sqrt(b_0), the scale of the z0 perturbation
+    abar_last: float  # abar_{T-1}, the signal left at the last step (the tT term)
     name: str = "custom"
 
     @classmethod
@@ -41,11 +45,18 @@ class NoiseSchedule:
         coef_zt = (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)
         as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         return cls(as_t(betas), as_t(abar), as_t(abar_prev), as_t(posterior_variance),
-                   as_t(coef_x0), as_t(coef_zt), name)
+                   as_t(coef_x0), as_t(coef_zt), float(np.sqrt(betas[0])), float(abar[-1]), name)
 
     @classmethod
     def named(cls, name: str, num_steps: int) -> NoiseSchedule:
         return cls.from_betas(get_named_beta_schedule(name, num_steps), name)
+
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """The same schedule with its tables on `device` (gathered there by timestep every step,
+        they are copied there once)."""
+        tables = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                  if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **tables)
 
     @property
     def num_steps(self) -> int:

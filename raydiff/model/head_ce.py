@@ -80,6 +80,10 @@ class _TiedHeadCE(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+# run eagerly inside a compiled objective: Inductor (torch 2.13, CPU, 2 threads) compiled the
+# chunk loop into wrong, run-to-run different gradients when there was more than one chunk
+# (docs/benchmarks.md, session 13); eagerly it is already one product per chunk
+@torch.compiler.disable
 def tied_head_ce(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  target: torch.Tensor) -> torch.Tensor:
     """Per-token CE(x W^T + b, target) in float32, never holding more than a chunk of logits.

@@ -15,8 +15,10 @@ from torch import nn
 from raydiff.config import Config, OptimConfig
 from raydiff.diffusion import (
     Batch,
+    DiffusionObjective,
     Draws,
     LossSpec,
+    LossTerms,
     NoiseSchedule,
     diffusion_losses,
     make_timestep_sampler,
@@ -51,7 +53,8 @@ def apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer,
     """
     scaler.scale(loss * loss_weight).backward()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf,
+                                               foreach=True)  # one kernel a step on a CPU too
     broken = (scaler.get_scale() < COLLAPSED_LOSS_SCALE if scaler.is_enabled()
               else not torch.isfinite(grad_norm).item())
     if broken:
@@ -76,18 +79,22 @@ def global_losses(local: torch.Tensor, offset: int, total: int) -> torch.Tensor:
     return out
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """A batch's ids and mask on `device`; to a GPU from pinned memory, without waiting."""
-    cuda = device.type == "cuda"
-    return {k: (batch[k].pin_memory() if cuda and not batch[k].is_cuda else batch[k])
-            .to(device, non_blocking=cuda) for k in ("input_ids", "attention_mask")}
+def to_device(data: torch.Tensor | Batch, device: torch.device) -> torch.Tensor | Batch:
+    """A tensor, or a batch's ids and mask, on `device`: to a GPU from pinned memory, without
+    waiting (the step's one wait is the NaN guard's flag)."""
+    if isinstance(data, torch.Tensor):
+        if device.type != "cuda" or data.is_cuda:
+            return data.to(device)
+        return data.pin_memory().to(device, non_blocking=True)
+    return {k: to_device(data[k], device) for k in ("input_ids", "attention_mask")}
 
 
-def training_model(model: nn.Module, wrap_model: Callable[[nn.Module], nn.Module] | None,
+def training_model(module: nn.Module, wrap_model: Callable[[nn.Module], nn.Module] | None,
                    compile_mode: str) -> nn.Module:
-    """What trains: `model`, wrapped (DDP on Ray) and compiled as asked. The bare `model` keeps
-    the weights; EMA, evaluation and checkpoints use it, never the compiled one."""
-    wrapped = wrap_model(model) if wrap_model else model
+    """What trains: `module` (the model, or its training objective around it), wrapped (DDP on
+    Ray) and compiled as asked. The bare model keeps the weights; EMA, evaluation and
+    checkpoints use it, never the compiled one."""
+    wrapped = wrap_model(module) if wrap_model else module
     return wrapped if compile_mode == "off" else torch.compile(wrapped, mode=compile_mode)
 
 
@@ -122,9 +129,11 @@ class DiffusionEngine:
         # the collapse diagnostics' yardstick, (V, d); the same on resume (the same seeded init)
         self.initial_table = self.model.embedding_table().detach().float().cpu().clone()
         self.ema = EMA(self.model, cfg.optim.ema_decay)
-        self.train_model = training_model(self.model, wrap_model, cfg.train.compile)
         self.schedule = NoiseSchedule.named(cfg.diffusion.schedule, cfg.diffusion.num_steps)
         self.loss_spec = LossSpec.of(cfg.diffusion)
+        self.train_model = training_model(
+            DiffusionObjective(self.model, self.schedule.to(device), self.loss_spec), wrap_model,
+            cfg.train.compile)
         self.timesteps = make_timestep_sampler(cfg.diffusion.timestep_sampling,
                                                cfg.diffusion.num_steps)
         # timesteps and noise: the same seed on every worker (see `train_step`)
@@ -158,11 +167,8 @@ class DiffusionEngine:
         draws = Draws.sample(t_all, self._noise_shape(total, length), self.generator,
                              self.cfg.diffusion.self_condition)
         mine = slice(offset, offset + local)
-        draws, weights = draws[mine], weights_all[mine].to(self.device)
-        self.train_model.train()
-        with autocast(self.precision, self.device):
-            terms = diffusion_losses(self.train_model, self.schedule, batch, self.loss_spec, draws,
-                                     diagnostics=diagnostics)
+        terms = self._objective(batch, draws[mine], diagnostics)
+        weights = to_device(weights_all[mine], self.device)
         loss = (terms.total * weights).mean()
         grad_norm = apply_gradients(self.model, self.optimizer, self.scaler, loss, loss_weight,
                                     self.cfg.optim.grad_clip, self.step)
@@ -188,11 +194,17 @@ class DiffusionEngine:
         size, length = batch["input_ids"].shape
         t, weights = self.timesteps.sample(size, "cpu", generator)
         draws = Draws.sample(t, self._noise_shape(size, length), generator)
+        terms = self._objective(batch, draws, diagnostics=False)
+        return (terms.total * to_device(weights, self.device)).mean()
+
+    def _objective(self, batch: Batch, draws: Draws, diagnostics: bool) -> LossTerms:
+        """The loss terms through what trains (the objective, wrapped and compiled as asked),
+        the draws moved to the device first."""
+        t, eps0, eps = (to_device(x, self.device) for x in (draws.t, draws.eps0, draws.eps))
         self.train_model.train()
         with autocast(self.precision, self.device):
-            terms = diffusion_losses(self.train_model, self.schedule, batch, self.loss_spec, draws,
-                                     diagnostics=False)
-        return (terms.total * weights.to(self.device)).mean()
+            return self.train_model(batch["input_ids"], batch["attention_mask"], t, eps0, eps,
+                                    draws.self_cond, diagnostics)
 
     def _noise_shape(self, size: int, length: int) -> tuple[int, int, int]:
         return size, length, self.model.word_embedding.embedding_dim
