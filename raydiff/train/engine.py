@@ -129,10 +129,12 @@ class DiffusionEngine:
         # the collapse diagnostics' yardstick, (V, d); the same on resume (the same seeded init)
         self.initial_table = self.model.embedding_table().detach().float().cpu().clone()
         self.ema = EMA(self.model, cfg.optim.ema_decay)
-        self.schedule = NoiseSchedule.named(cfg.diffusion.schedule, cfg.diffusion.num_steps)
+        # the tables on the device: the loss gathers them by timestep every step
+        self.schedule = NoiseSchedule.named(cfg.diffusion.schedule,
+                                            cfg.diffusion.num_steps).to(device)
         self.loss_spec = LossSpec.of(cfg.diffusion)
         self.train_model = training_model(
-            DiffusionObjective(self.model, self.schedule.to(device), self.loss_spec), wrap_model,
+            DiffusionObjective(self.model, self.schedule, self.loss_spec), wrap_model,
             cfg.train.compile)
         self.timesteps = make_timestep_sampler(cfg.diffusion.timestep_sampling,
                                                cfg.diffusion.num_steps)

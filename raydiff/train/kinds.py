@@ -23,7 +23,7 @@ class Engine(Protocol):
     step: int  # optimiser steps taken
     device: torch.device
     model: nn.Module  # the bare model (hooks, weights)
-    train_model: nn.Module  # what trains: `model`, or its DDP wrapper on Ray
+    train_model: nn.Module  # what trains: `model` or its objective, DDP on Ray, compiled as asked
     optimizer: torch.optim.Optimizer
 
     def __init__(self, cfg: Config, vocab_size: int, device: torch.device,
