@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -146,14 +147,8 @@ class Timed:
 
     def time(self, steps: int) -> float:
         """Times `steps` steps; appends and returns their median."""
-        times = []
-        for _ in range(steps):
-            _sync(self.device)
-            start = time.perf_counter()
-            self.engine.train_step(self.batch, diagnostics=self.diagnostics)
-            _sync(self.device)
-            times.append(time.perf_counter() - start)
-        self.medians.append(statistics.median(times))
+        step = lambda: self.engine.train_step(self.batch, diagnostics=self.diagnostics)  # noqa: E731
+        self.medians.append(_median_time(step, steps, self.device))
         return self.medians[-1]
 
     def row(self) -> dict:
@@ -193,10 +188,13 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         for kind, ops in FLOOR_OPS.items():
             if func in ops:
-                copy = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
-                self.calls[kind].append((func, [copy(a) for a in args],
-                                         {k: copy(v) for k, v in kwargs.items()}))
+                self.calls[kind].append((func, [_copy(a) for a in args],
+                                         {k: _copy(v) for k, v in kwargs.items()}))
         return func(*args, **kwargs)
+
+
+def _copy(value):
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def step_floor(timed: Timed, repeats: int = 30) -> dict:
@@ -212,26 +210,32 @@ def step_floor(timed: Timed, repeats: int = 30) -> dict:
         def replay(calls=calls):
             for func, args, kwargs in calls:
                 func(*args, **kwargs)
+        replay()  # warm
         out[f"{kind}_calls"] = len(calls)
-        out[f"{kind}_s"] = _median_time(replay, repeats)
+        out[f"{kind}_s"] = _median_time(replay, repeats, timed.device)
     engine.probe_loss(timed.batch).backward()
 
-    def update():
-        grad_norm = torch.nn.utils.clip_grad_norm_(engine.model.parameters(), 1.0, foreach=True)
-        bool(torch.isfinite(grad_norm))
+    def update():  # apply_gradients after its backward, without its zero_grad (the gradients
+        # stay for the next repeat), then the EMA
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            engine.model.parameters(), engine.cfg.optim.grad_clip or math.inf, foreach=True)
+        torch.isfinite(grad_norm).item()
         engine.optimizer.step()
         engine.ema.update(engine.model)
-    out["update_s"] = _median_time(update, repeats)
+    update()  # warm
+    out["update_s"] = _median_time(update, repeats, timed.device)
     engine.optimizer.zero_grad(set_to_none=True)
     return out
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
+def _median_time(fn, repeats: int, device: torch.device) -> float:
+    """The median seconds of `repeats` calls of `fn`, the device synchronised around each."""
     times = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
